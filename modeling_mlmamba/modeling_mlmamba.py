@@ -240,11 +240,12 @@ def build_vision_tower(tower_config, vision_feature_layer: int) -> PreTrainedMod
         tower_config.vision_use_head = False
     tower = AutoModel.from_config(tower_config)
     # The final norm only feeds the unused last layer's output: replace it so that last_hidden_state is the raw
-    # output of the feature layer (Dinov2: `layernorm`; SigLIP / CLIP: `vision_model.post_layernorm`).
-    if hasattr(tower, "layernorm"):
-        tower.layernorm = nn.Identity()
-    elif hasattr(getattr(tower, "vision_model", None), "post_layernorm"):
-        tower.vision_model.post_layernorm = nn.Identity()
+    # output of the feature layer (Dinov2: `layernorm`; SigLIP: `post_layernorm`; CLIP: `vision_model.post_layernorm`,
+    # which only normalises the pooled CLS token, unused here).
+    for owner in (tower, getattr(tower, "vision_model", None)):
+        for name in ("layernorm", "post_layernorm"):
+            if owner is not None and isinstance(getattr(owner, name, None), nn.LayerNorm):
+                setattr(owner, name, nn.Identity())
     return tower
 
 
