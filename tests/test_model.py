@@ -382,7 +382,9 @@ def test_save_then_offline_auto_load_with_remote_code_gives_identical_logits(tmp
     script = textwrap.dedent(f"""
         import sys, torch
         from transformers import AutoModel, AutoModelForImageTextToText, AutoModelForCausalLM
-        assert not any("modeling_mlmamba" in m for m in sys.modules)
+        def package_imported():
+            return any(m == "modeling_mlmamba" or m.startswith("modeling_mlmamba.") for m in sys.modules)
+        assert not package_imported()
         inputs = torch.load({str(tmp_path / "inputs.pt")!r}, weights_only=True)
         out = {{}}
         for auto in (AutoModelForImageTextToText, AutoModel, AutoModelForCausalLM):
@@ -392,6 +394,7 @@ def test_save_then_offline_auto_load_with_remote_code_gives_identical_logits(tmp
             assert model.lm_head.weight.data_ptr() == model.model.language_model.embeddings.weight.data_ptr()
             with torch.no_grad():
                 out[auto.__name__] = model(input_ids=inputs["ids"], pixel_values=inputs["pv"]).logits
+        assert not package_imported()  # the folder's own code was used, not the installed package
         torch.save(out, {str(tmp_path / "out.pt")!r})
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
@@ -417,8 +420,10 @@ def test_bfloat16_dtype_and_sharded_save(tmp_path):
     model = tiny_model(seed=10)
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    loaded = MLMambaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = MLMambaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cpu")
     assert loaded.dtype == torch.bfloat16
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.lm_head.weight is loaded.model.language_model.embeddings.weight
     ids = image_prompt_ids(model.config, [5, 6, 7])
     out = loaded.generate(input_ids=ids, pixel_values=torch.randn(1, 6, 32, 32), max_new_tokens=4, do_sample=False,
                           eos_token_id=None)
