@@ -543,55 +543,15 @@ def save_config_and_code(config: MLMambaConfig, folder: Path, dtype: torch.dtype
     config.save_pretrained(folder)
 
 
-# The Zephyr prompt of the original (SPEC §2): `<|user|>\n{q}<|endoftext|>\n<|assistant|>\n`, answers end with
-# `<|endoftext|>`, a later user turn starts with `\n`; system messages are ignored; image parts become `<image>`.
-ZEPHYR_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(turn=0) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- else -%}{%- set content = namespace(text='') -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set content.text = content.text + '<image>\n' -%}"
-    "{%- elif part['type'] == 'text' -%}{%- set content.text = content.text + part['text'] -%}{%- endif -%}"
-    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if ns.turn > 0 -%}{{ '\n' }}{%- endif -%}"
-    "{{ '<|user|>\n' + content + '<|endoftext|>\n<|assistant|>\n' }}{%- set ns.turn = ns.turn + 1 -%}"
-    "{%- elif message['role'] == 'assistant' -%}{{ content + '<|endoftext|>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-
-
-def save_processor(config: MLMambaConfig, tokenizer_source: str, folder: Path) -> str:
-    """The tokenizer (GPT-NeoX, `<image>` added as a special token) and processor files, with the chat template.
-
-    Uses the package's `MLMambaProcessor` when it exists; otherwise writes the tokenizer alone, with the template.
-    Returns what was written ("processor" or "tokenizer").
-    """
+def save_processor(config: MLMambaConfig, tokenizer_source: str, folder: Path) -> None:
+    """The processor (image processor for the towers, GPT-NeoX tokenizer with `<image>` and the Zephyr chat template),
+    with its code file, as `MLMambaProcessor.from_model_config` builds it."""
     from transformers import AutoTokenizer
 
+    from modeling_mlmamba.processing_mlmamba import MLMambaProcessor
+
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    try:
-        from modeling_mlmamba.processing_mlmamba import MLMambaProcessor
-    except ImportError:
-        MLMambaProcessor = None
-    if MLMambaProcessor is not None and hasattr(MLMambaProcessor, "from_model_config"):
-        processor = MLMambaProcessor.from_model_config(config, tokenizer)
-        processor.save_pretrained(folder)
-        return "processor"
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    if image_id != config.image_token_id:
-        raise ConversionError(
-            f"the tokenizer gives <image> the id {image_id}, the model config expects {config.image_token_id}"
-        )
-    tokenizer.eos_token = tokenizer.eos_token or "<|endoftext|>"
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.chat_template = ZEPHYR_CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return "tokenizer"
+    MLMambaProcessor.from_model_config(config, tokenizer).save_pretrained(folder)
 
 
 def save_generation_config(folder: Path, eos_token_id: int = 0) -> None:
