@@ -398,9 +398,14 @@ def load_tower(path_or_repo: str, image_size: int) -> tuple[object, dict[str, to
         from transformers import CLIPVisionModel, SiglipVisionModel
 
         cls = SiglipVisionModel if config.model_type == "siglip" else CLIPVisionModel
-        tower = cls.from_pretrained(path_or_repo, dtype=torch.float32)
     else:
-        tower = AutoModel.from_pretrained(path_or_repo, dtype=torch.float32)
+        cls = AutoModel
+    tower, info = cls.from_pretrained(path_or_repo, dtype=torch.float32, output_loading_info=True)
+    # a tower weight absent from the checkpoint would be silently random: refuse it
+    problems = [f"{what}: {', '.join(map(str, info.get(what) or []))}" for what in ("missing_keys", "mismatched_keys")
+                if info.get(what)]
+    if problems:
+        raise ConversionError(f"vision tower {path_or_repo} did not load completely: " + "; ".join(problems))
     vision_config = copy.deepcopy(tower.config)
     state_dict = dict(tower.state_dict())
     key, num_prefix = _tower_position_table(vision_config.model_type)
