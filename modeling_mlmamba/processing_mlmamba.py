@@ -152,8 +152,11 @@ class MLMambaProcessor(ProcessorMixin):
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
         # The placeholder must be one added special token, or the BPE merges runs of it.
-        if image_token not in tokenizer.get_vocab() or image_token not in tokenizer.all_special_tokens:
-            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        if image_token not in tokenizer.all_special_tokens:
+            tokenizer.add_special_tokens(
+                {"extra_special_tokens": [AddedToken(image_token, special=True, normalized=False)]},
+                replace_extra_special_tokens=False,
+            )
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         ids = tokenizer.encode(image_token * 3, add_special_tokens=False)
         if ids != [self.image_token_id] * 3:

@@ -328,6 +328,20 @@ def test_image_processor_from_model_config_uses_each_towers_statistics():
     assert released.image_resize_strategy == "resize-naive"
 
 
+def test_processor_adds_the_image_token_as_a_special_token():
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny import _tiny_tokenizer_json
+
+    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()), eos_token="<|endoftext|>")
+    assert len(bare) == 127 and "<image>" not in bare.get_vocab()
+    processor = MLMambaProcessor.from_model_config(tiny_config(), bare)  # the next id: 127, the config's
+    assert processor.image_token_id == 127 and "<image>" in bare.all_special_tokens
+    assert bare("<image><image>x<image>", add_special_tokens=False)["input_ids"][:2] == [127, 127]
+    assert bare.pad_token_id == 0 and bare.padding_side == "left"
+
+
 def test_processor_checks_the_image_token_id_against_the_config():
     with pytest.raises(ValueError, match="image_token_id is 5"):
         MLMambaProcessor.from_model_config(tiny_config(image_token_id=5), tiny_tokenizer())
