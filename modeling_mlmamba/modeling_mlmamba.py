@@ -35,6 +35,7 @@ from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated, causal
 from transformers.utils import ModelOutput
 
 from .configuration_mlmamba import MLMambaConfig
+from .generation_mlmamba import DecodeGraphRunner
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,6 +527,43 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         if use_cache and not is_first_iteration:
             model_inputs["attention_mask"] = None
         return model_inputs
+
+    # ---- fast decoding on a GPU: `generate(..., cache_implementation="static")` (see generation_mlmamba.py) ----
+    # Set to False to keep transformers' own handling of static caches (torch.compile with cudagraph trees).
+    use_decode_graphs = True
+
+    def _decode_graph_runner(self) -> DecodeGraphRunner | None:
+        if not (self.use_decode_graphs and self.device.type == "cuda" and not self.training):
+            return None
+        if getattr(self, "_decode_graphs", None) is None:
+            self._decode_graphs = DecodeGraphRunner(self, MLMambaCausalLMOutput)
+        return self._decode_graphs
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        """A state cache allocated once per batch size and reused, so that the decode graph captured over it stays
+        valid across `generate()` calls (SSM states do not grow: `max_cache_len` is irrelevant)."""
+        runner = self._decode_graph_runner()
+        if runner is None or cache_implementation != "static" or prefill_chunk_size is not None:
+            return super()._prepare_static_cache(
+                cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
+            )
+        return runner.cache_for(batch_size)
+
+    def get_compiled_call(self, compile_config):
+        """The decode step `generate()` runs on a compileable cache: a CUDA-graph replay of the (compiled) step.
+
+        `compile_config.backend == "eager"` captures the eager kernels without compiling; `mode="max-autotune"`
+        lets inductor autotune the step; any other config compiles with inductor's default mode."""
+        runner = self._decode_graph_runner()
+        if runner is None:
+            return super().get_compiled_call(compile_config)
+        mode = "default"
+        if compile_config is not None and compile_config.backend == "eager":
+            mode = None
+        elif compile_config is not None and compile_config.mode and "max-autotune" in compile_config.mode:
+            mode = "max-autotune-no-cudagraphs"
+        runner.set_compile_mode(mode)
+        return runner
 
 
 # save_pretrained copies this file and its relative imports next to the weights (auto_map: see configuration).

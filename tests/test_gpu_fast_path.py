@@ -1,0 +1,83 @@
+"""The fast path (static state cache + CUDA-graph decode step) decodes exactly what the plain path decodes.
+
+Needs CUDA; skipped elsewhere. The reference is `generate()` with transformers' default `DynamicCache`, run
+eagerly, one kernel at a time; the fast path is `generate(..., cache_implementation="static")`, which replays a
+captured (and, unless `backend="eager"`, compiled) decode step. float32, so that no near-tie of the arg-max can
+flip: the two paths must agree token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path needs a CUDA GPU")
+
+NEW_TOKENS = 48
+
+
+def small_gpu_model(dtype=torch.float32) -> MLMambaForConditionalGeneration:
+    """Released structure at a small width, sized so that mamba_ssm's kernels see real head / state sizes."""
+    vision = [
+        dict(model_type="dinov2_with_registers", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_register_tokens=4, patch_size=14, image_size=112, mlp_ratio=2),
+        dict(model_type="siglip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=2, patch_size=14, image_size=112),
+    ]
+    text = dict(model_type="mamba2", vocab_size=512, hidden_size=256, num_hidden_layers=4, state_size=128,
+                expand=2, head_dim=64, num_heads=8, n_groups=1, conv_kernel=4, chunk_size=64,
+                tie_word_embeddings=True, pad_token_id=0, eos_token_id=0, bos_token_id=0, residual_in_fp32=True)
+    config = MLMambaConfig(vision_config=vision, text_config=text, image_token_id=511, connector_hidden_size=256,
+                           projector_hidden_size=512)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MLMambaForConditionalGeneration(config)
+    return model.to(dtype).eval()
+
+
+def prompt(model, batch_size: int):
+    config = model.config
+    generator = torch.Generator().manual_seed(batch_size)
+    text = torch.randint(1, 500, (batch_size, 12), generator=generator)
+    image = torch.full((batch_size, config.num_image_tokens), config.image_token_id)
+    input_ids = torch.cat([image, text], dim=1).cuda()
+    pixel_values = torch.randn(batch_size, 6, config.image_size, config.image_size, generator=generator).cuda()
+    return dict(input_ids=input_ids, pixel_values=pixel_values.to(model.dtype))
+
+
+def greedy(model, inputs, **kwargs):
+    # eos_token_id=None: decode the full length whatever the random weights emit
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, **kwargs)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager-kernels"])
+@torch.no_grad()
+def test_fast_path_greedy_output_equals_the_plain_path(batch_size, compiled):
+    from transformers import CompileConfig
+
+    model = small_gpu_model()
+    inputs = prompt(model, batch_size)
+    reference = greedy(model, inputs)  # DynamicCache, eager
+    compile_config = CompileConfig() if compiled else CompileConfig(backend="eager")
+    fast = greedy(model, inputs, cache_implementation="static", compile_config=compile_config)
+    assert model._decode_graphs.graphs, "the fast path did not capture a decode graph"
+    assert fast.shape == reference.shape
+    mismatch = (fast != reference).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch at (row, position) {mismatch[0].tolist()}"
+    # a second call reuses the cache and the graph, and still decodes the same
+    again = greedy(model, inputs, cache_implementation="static", compile_config=compile_config)
+    assert torch.equal(again, reference)
+
+
+@torch.no_grad()
+def test_fast_path_cache_and_graph_are_reused_across_calls():
+    model = small_gpu_model()
+    inputs = prompt(model, 2)
+    greedy(model, inputs, cache_implementation="static")
+    runner = model._decode_graphs
+    cache, graph = runner.caches[2], runner.graphs[2][0]
+    greedy(model, inputs, cache_implementation="static")
+    assert runner.caches[2] is cache and runner.graphs[2][0] is graph
