@@ -19,7 +19,6 @@ try:
 except Exception: traceback.print_exc()
 import transformers; print('transformers', transformers.__version__, transformers.__file__)
 from transformers.models.mamba2 import modeling_mamba2 as m
-print('selective_state_update from', m.mamba2_selective_state_update.__wrapped__.__module__ if False else '?')
 " 2>&1 | tee -a "$OUT/build.log"
 if [ "$TEST_T" != "0" ]; then
   timeout "$TEST_T" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fast_path.py 2>&1 | tail -25 | tee "$OUT/test.log"
