@@ -40,7 +40,7 @@ import sys
 import time
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from PIL import Image
 from tqdm.auto import tqdm
@@ -540,47 +540,44 @@ def evaluate_loss(accelerator, model, loader) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    state = PartialState()  # the launch: which process this is, how many there are
-    log = state.print  # main process only
-    set_seed(args.seed)
-
-    # global batch = per-device batch × processes × accumulation steps
-    per_step = args.per_device_batch_size * state.num_processes
-    if args.global_batch_size % per_step:
-        raise SystemExit(f"--global_batch_size {args.global_batch_size} is not a multiple of per-device batch "
-                         f"{args.per_device_batch_size} × {state.num_processes} processes = {per_step}")
-
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    with state.main_process_first():
-        train_set, val_set = build_datasets(args, processor, log)
-    log(f"{len(train_set)} training samples" + (f", {len(val_set)} validation samples" if val_set else ""))
-    # A batch of text-only samples leaves the connector without gradients, which DDP must be told to expect.
-    text_only = any(not images for _, images in train_set.samples)
-
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
     if mixed_precision is None:
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    ddp_options = DistributedDataParallelKwargs()  # find_unused_parameters: set below, once the data is known
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=args.global_batch_size // per_step,
         log_with=args.report_to.split(",") if args.report_to else None,
         project_dir=os.path.join(args.output_dir, "logs"),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=text_only)],
+        kwargs_handlers=[ddp_options],
     )
+    log = accelerator.print  # main process only
+    set_seed(args.seed)
+
+    # global batch = per-device batch × processes × accumulation steps
+    per_step = args.per_device_batch_size * accelerator.num_processes
+    if args.global_batch_size % per_step:
+        raise SystemExit(f"--global_batch_size {args.global_batch_size} is not a multiple of per-device batch "
+                         f"{args.per_device_batch_size} × {accelerator.num_processes} processes = {per_step}")
+    accelerator.gradient_accumulation_steps = args.global_batch_size // per_step
+
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    with accelerator.main_process_first():
+        train_set, val_set = build_datasets(args, processor, log)
+    log(f"{len(train_set)} training samples" + (f", {len(val_set)} validation samples" if val_set else ""))
+    # A batch of text-only samples leaves the connector without gradients, which DDP must be told to expect.
+    ddp_options.find_unused_parameters = any(not images for _, images in train_set.samples)
 
     model = build_model(args, log)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.999))
-    sampler = EpochShuffler(len(train_set), args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.per_device_batch_size, sampler=sampler,
-        collate_fn=processor.collate_training_examples, num_workers=args.num_workers,
-    )
+    # Each DataLoader gets a generator of its own for its worker seeds: starting an iterator then draws nothing from the
+    # global RNG, so a run resumed mid-epoch (a new iterator) sees the same dropout masks as the run it continues.
+    loader_options = dict(batch_size=args.per_device_batch_size, collate_fn=processor.collate_training_examples,
+                          num_workers=args.num_workers)
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=EpochShuffler(len(train_set), args.seed),
+                                               generator=torch.Generator(), **loader_options)
     val_loader = None
     if val_set is not None:
-        val_loader = torch.utils.data.DataLoader(
-            val_set, batch_size=args.per_device_batch_size, collate_fn=processor.collate_training_examples,
-            num_workers=args.num_workers,
-        )
+        val_loader = torch.utils.data.DataLoader(val_set, generator=torch.Generator(), **loader_options)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)

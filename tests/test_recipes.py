@@ -211,7 +211,7 @@ def test_resume_after_a_checkpoint_ends_where_an_uninterrupted_run_ends(tmp_path
         resumed = load_file(os.path.join(interrupted, "adapter", "adapter_model.safetensors"))
         assert resumed.keys() == expected.keys()
         for name in expected:
-            assert torch.equal(resumed[name], expected[name]), name
+            assert torch.equal(resumed[name], expected[name]), (stop, name)
         # the same losses after the restart as in the uninterrupted run: same batches, same dropout masks
         losses = lambda d: [(r["step"], r["train/loss"]) for r in read_log(d) if "train/loss" in r]  # noqa: E731
         assert losses(interrupted) == losses(straight)
@@ -229,13 +229,17 @@ def test_resume_refuses_a_checkpoint_with_another_batch_layout(tmp_path, base_mo
 # Several processes
 # ---------------------------------------------------------------------------------------------------------------
 def test_ddp_on_two_cpu_processes_trains_like_one_process_with_accumulation(tmp_path, base_model, data_dir):
-    """2 processes × batch 2 sum the same gradients as 1 process × batch 2 × 2 accumulation steps."""
-    common = ["--max_steps", "4", "--lora_dropout", "0", "--save_every", "1000"]
+    """2 processes × batch 2 average the same gradients as 1 process × batch 2 × 2 accumulation steps: process 0 reads
+    batches 0, 2, 4, process 1 batches 1, 3, 5, one process all six. (3 updates: the 4th would see the epoch's end,
+    where several processes pad their last batches.)"""
+    common = ["--max_steps", "3", "--lora_dropout", "0", "--save_every", "1000"]
     ddp = str(tmp_path / "ddp")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # Two CPU processes with the gloo backend. (`accelerate launch --cpu --num_processes 2` starts one process unless
+    # MPI is set up: torchrun through --multi_gpu, told to stay on the CPU, starts two.)
     result = finetune(data_dir, base_model, ddp, *common,
-                      launcher=(accelerate, "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-                                "--mixed_precision", "no", "--dynamo_backend", "no"))
+                      launcher=("env", "ACCELERATE_USE_CPU=1", accelerate, "launch", "--multi_gpu", "--num_processes",
+                                "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"))
     assert "2 processes × 1 accumulation steps" in result.stdout
     single = str(tmp_path / "single")
     finetune(data_dir, base_model, single, *common)
