@@ -430,7 +430,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # (LoRA has no 1-D parameters; FSDP's optimizer state wants no empty group)
 
 
 def frozen_towers_eval(model):
