@@ -497,6 +497,8 @@ def find_resume_checkpoint(args) -> str:
 # -----------------------------------------------------------------------------------------------------------------
 def save_final(accelerator, args, model, processor, log) -> None:
     state_dict = accelerator.get_state_dict(model)  # a full state dict on the main process, also under FSDP
+    # FSDP's wrapped units can leave their wrapper's name inside the keys: the adapter must not carry it
+    state_dict = {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", k): v for k, v in state_dict.items()}
     unwrapped = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
     if args.mode == "lora":
