@@ -433,9 +433,15 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
     SSM states. `AutoModel`, `AutoModelForImageTextToText` and `AutoModelForCausalLM` all load this class."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
-    # Greedy and sampling (with their logits processors and stopping criteria) decode on the recurrent state.
-    # Beam search would need per-beam state reordering at every step, which is not wired up for this cache.
-    _supported_generation_modes = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+    # Modes that decode on the recurrent state: beam search re-orders the per-beam states through the cache's
+    # `reorder_cache`. Assisted / prompt-lookup decoding would have to roll the state back: refused
+    # (`_is_stateful`), as are the Hub-only custom modes (contrastive, DoLa, group / constrained beams).
+    _supported_generation_modes = (
+        GenerationMode.GREEDY_SEARCH,
+        GenerationMode.SAMPLE,
+        GenerationMode.BEAM_SEARCH,
+        GenerationMode.BEAM_SAMPLE,
+    )
 
     def __init__(self, config: MLMambaConfig):
         super().__init__(config)

@@ -109,11 +109,19 @@ def test_sampling_and_streamer_run_on_the_cache():
     assert streamer.tokens == out[0].tolist()
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_beams=2), dict(prompt_lookup_num_tokens=2)])
+def test_beam_search_on_the_cache_equals_beam_search_recomputing_everything():
+    model = tiny_model(seed=3)
+    ids = torch.cat([image_prompt_ids(model.config, [5, 6, 7, 8]), image_prompt_ids(model.config, [9, 10, 11, 12])])
+    pv = torch.randn(2, 6, 32, 32)
+    kwargs = dict(input_ids=ids, pixel_values=pv, num_beams=3, max_new_tokens=12, eos_token_id=None, do_sample=False)
+    assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+
+
+@pytest.mark.parametrize("kwargs", [dict(prompt_lookup_num_tokens=2), dict(num_beams=2, num_beam_groups=2, diversity_penalty=1.0)])
 def test_unsupported_generation_modes_fail_clearly(kwargs):
     model = tiny_model()
     ids = image_prompt_ids(model.config, [4, 5, 6])
-    with pytest.raises(ValueError, match="generation mode|stateful|only supports"):
+    with pytest.raises(ValueError, match="generation mode|stateful|only supports|custom_generate|trust_remote_code"):
         model.generate(input_ids=ids, pixel_values=torch.randn(1, 6, 32, 32), max_new_tokens=3, **kwargs)
 
 
