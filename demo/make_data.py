@@ -46,6 +46,9 @@ QUESTION_TYPES = ("color", "shape", "count", "relation_yes_no", "relation_what")
 DESCRIBE = "Describe the image."
 ROW_NAMES, COL_NAMES = ("top", "middle", "bottom"), ("left", "center", "right")
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
+# Training asks the relation questions more often: they need two objects found and compared, and are learnt last.
+# Validation and test draw the five types uniformly.
+TRAIN_TYPE_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "relation_yes_no": 3, "relation_what": 2}
 
 IMAGE_SIZE = 96
 GRID = 3
@@ -89,8 +92,10 @@ def draw_scene(scene: list[Obj], rng: random.Random) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     for obj in scene:
-        half = rng.uniform(8, 12) * s  # objects 16–24 px wide in 32 px cells
-        jitter = (cell / 2 - half) * 0.8
+        # Objects 20–24 px wide in 32 px cells, moved by at most ±1.5 px: a cell is exactly 2×2 patches of the model's
+        # 48 px input, so an object looks about the same wherever it is, which frozen random towers need.
+        half = rng.uniform(10, 12) * s
+        jitter = 1.5 * s
         cx = (obj.col + 0.5) * cell + rng.uniform(-jitter, jitter)
         cy = (obj.row + 0.5) * cell + rng.uniform(-jitter, jitter)
         fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[obj.color])
@@ -169,17 +174,21 @@ def describe(scene: list[Obj]) -> str:
     return ", ".join(f"{o.name} at {place(o)}" for o in ordered)
 
 
-def ask_any(scene: list[Obj], rng: random.Random, exclude: set[str] = frozenset()) -> tuple[str, str, str]:
-    """A question of a uniformly drawn type the scene supports (counting always works)."""
+def ask_any(scene: list[Obj], rng: random.Random, exclude: set[str] = frozenset(), weights: dict | None = None
+            ) -> tuple[str, str, str]:
+    """A question of a type drawn uniformly (or by `weights`) among those the scene supports (counting always works)."""
     while True:
-        qtype = rng.choice(QUESTION_TYPES)
+        if weights:
+            qtype = rng.choices(QUESTION_TYPES, [weights[t] for t in QUESTION_TYPES])[0]
+        else:
+            qtype = rng.choice(QUESTION_TYPES)
         qa = ask(scene, qtype, rng)
         if qa is not None and qa[0] not in exclude:
             return qtype, qa[0], qa[1]
 
 
-def generate_split(out: Path, split: str, num_images: int, seed: int, turns: int = 1, describe_rate: float = 0.0
-                   ) -> list[dict]:
+def generate_split(out: Path, split: str, num_images: int, seed: int, turns: int = 1, describe_rate: float = 0.0,
+                   type_weights: dict | None = None) -> list[dict]:
     """Writes the split's images and returns its records: for a `describe_rate` fraction of the images, a request
     for a description of the whole scene; for the others, 1 to `turns` distinct questions."""
     rng = random.Random(seed)
@@ -196,7 +205,7 @@ def generate_split(out: Path, split: str, num_images: int, seed: int, turns: int
             asked: set[str] = set()
             qas = []
             for _ in range(rng.randint(1, turns)):
-                qtype, question, answer = ask_any(scene, rng, exclude=asked)
+                qtype, question, answer = ask_any(scene, rng, exclude=asked, weights=type_weights)
                 asked.add(question)
                 qas.append((qtype, question, answer))
         records.append({"image": rel_path, "scene": [o.__dict__ for o in scene], "qas": qas})
@@ -241,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         seed = SPLIT_SEEDS[split] + args.seed_offset
         if split == "train":
             records = generate_split(args.out, split, n, seed, turns=args.train_turns,
-                                     describe_rate=args.train_describe)
+                                     describe_rate=args.train_describe, type_weights=TRAIN_TYPE_WEIGHTS)
             path = args.out / "train.json"
             path.write_text(json.dumps(to_llava(records), indent=0))
             count = sum(len(r["qas"]) for r in records)

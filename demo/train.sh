@@ -12,8 +12,8 @@ RUN=${1:-runs/shapes}
 PYTHON=${PYTHON:-python}
 DATA=${DATA:-data/shapes}
 WORKERS=${WORKERS:-4}
-EPOCHS=${EPOCHS:-8}
-LR=${LR:-2e-3}
+EPOCHS=${EPOCHS:-10}
+LR=${LR:-5e-4}
 BATCH=${BATCH:-64}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
