@@ -37,12 +37,19 @@ def load(model_id: str, device: str | None = None, dtype: str | None = None):
     from .modeling_mlmamba import MLMambaForConditionalGeneration
     from .processing_mlmamba import MLMambaProcessor
 
-    if os.path.sep in model_id and not os.path.isdir(model_id):
+    # "user/name" may be a Hub id; a path that cannot be one and does not exist is a mistyped folder.
+    looks_local = (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+                   or (os.sep != "/" and os.sep in model_id))
+    if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
         raise SystemExit(f"mlmamba: model folder not found: {model_id}")
+    model_id = os.path.expanduser(model_id)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    processor = MLMambaProcessor.from_pretrained(model_id)
-    model = MLMambaForConditionalGeneration.from_pretrained(model_id, dtype=getattr(torch, dtype))
+    try:
+        processor = MLMambaProcessor.from_pretrained(model_id)
+        model = MLMambaForConditionalGeneration.from_pretrained(model_id, dtype=getattr(torch, dtype))
+    except OSError as err:  # not found locally nor on the Hub, or offline
+        raise SystemExit(f"mlmamba: cannot load the model {model_id!r}: {err}") from None
     return model.to(device).eval(), processor
 
 
