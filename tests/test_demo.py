@@ -74,6 +74,16 @@ def test_shipped_model_is_small_and_complete():
     assert (config["connector_type"], config["scan_type"], config["text_config"]["model_type"]) == ("msc", "bsm", "mamba2")
 
 
+def test_shipped_model_carries_the_packages_current_code():
+    """The folder's code files are what a Hub user runs: they must be the package's own, byte for byte. After a
+    change to modeling_mlmamba/*.py, copy the files into demo_model/ (and check the demo still answers)."""
+    package = REPO / "modeling_mlmamba"
+    shipped = sorted(p.name for p in DEMO_MODEL.glob("*.py"))
+    assert shipped, "no code files in the demo model folder"
+    for name in shipped:
+        assert (DEMO_MODEL / name).read_bytes() == (package / name).read_bytes(), f"demo_model/{name} is stale"
+
+
 def test_shipped_model_loads_offline_through_auto_classes_and_answers_test_questions(test_split, tmp_path):
     images, _ = test_split
     cases = [(str(images / f"test/{i:06d}.png"), q, a) for i, q, a in TEST_SPLIT_QUESTIONS]
