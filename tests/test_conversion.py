@@ -64,7 +64,7 @@ def test_converted_folder_loads_offline_with_its_own_code_and_matches_reference_
     torch.save({"pixel_values": pixels, "input_ids": torch.tensor([fx.prompt_ids(text_ids)])}, tmp_path / "inputs.pt")
     out = run_offline(f"""
         import sys, torch
-        assert not any("modeling_mlmamba" in m for m in sys.modules)
+        assert not any(m == "modeling_mlmamba" or m.startswith("modeling_mlmamba.") for m in sys.modules)
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_pretrained({str(converted)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
