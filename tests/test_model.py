@@ -468,3 +468,23 @@ def test_training_steps_lower_the_loss_and_reach_connector_and_lm_only(gradient_
     assert losses[-1] < 0.5 * losses[0], losses
     # tied embeddings stay tied through training
     assert model.lm_head.weight is model.model.language_model.embeddings.weight
+
+
+def test_static_state_cache_decodes_like_the_dynamic_cache_and_is_reusable():
+    """The fast path's preallocated state cache (allocated once per batch size, reset between calls), here on CPU
+    where no graph is captured: same tokens as transformers' default DynamicCache, call after call."""
+    from modeling_mlmamba.generation_mlmamba import DecodeGraphRunner
+    from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
+
+    model = tiny_model(seed=12)
+    ids = torch.cat([image_prompt_ids(model.config, [5, 6, 7, 8]), image_prompt_ids(model.config, [9, 10, 11, 12])])
+    pv = torch.randn(2, 6, 32, 32)
+    kwargs = dict(input_ids=ids, pixel_values=pv, max_new_tokens=16, do_sample=False, eos_token_id=None)
+    reference = model.generate(**kwargs)
+    assert torch.equal(model.generate(**kwargs, cache_implementation="static"), reference)
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput)
+    cache = runner.cache_for(2)
+    assert torch.equal(model.generate(**kwargs, cache_params=cache), reference)
+    again = runner.cache_for(2)  # reset in place, same tensors (the addresses a captured graph replays against)
+    assert again is cache and not cache.layers[0].has_previous_state[0]
+    assert torch.equal(model.generate(**kwargs, cache_params=again), reference)
