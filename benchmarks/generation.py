@@ -220,6 +220,24 @@ def copy_bandwidth(device: str, tiny: bool) -> float | None:
     return 2 * n * 2 / statistics.median(times)
 
 
+def graph_replay_ms(model, batch: int) -> float | None:
+    """GPU time of one replay of ML-Mamba's captured decode step (back-to-back replays, no host work between):
+    the step without generate()'s loop around it. None for models without one."""
+    runner = getattr(model, "_decode_graphs", None)
+    if runner is None or batch not in runner.graphs:
+        return None
+    graph = runner.graphs[batch][0]
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 50
+
+
 def decode_bytes(name: str, model, context: int) -> dict:
     """Bytes one batch-1 decode step must move: each LM weight once (the tied embedding once, for the head),
     plus the recurrent state (Mamba-2) or the KV cache at `context` tokens (Phi-2)."""
@@ -248,6 +266,10 @@ def run_model(name: str, args, log) -> dict:
     t_build, model = timed(lambda: build(name, tiny, device, dtype), device)
     spec = Spec(name, model)
     params = sum(p.numel() for p in model.parameters())
+    if name == "mlmamba":
+        from modeling_mlmamba.generation_mlmamba import decode_kernels
+
+        log(f"[{name}] decode-step kernels (conv, SSM update): {decode_kernels()[2]}")
     r = dict(parameters=params, build_s=t_build,
              preprocessing="MLMambaImageProcessor" if spec.processor is not None else "benchmark stand-in (PIL+torch)")
     log(f"[{name}] built in {t_build:.1f} s, {params / 1e9:.3f} B parameters, {r['preprocessing']}")
@@ -298,8 +320,11 @@ def run_model(name: str, args, log) -> dict:
             t_n = statistics.median([timed(lambda: generate(model, inputs, n), device)[0] for _ in range(repeats)])
             t_1 = statistics.median([timed(lambda: generate(model, inputs, 1), device)[0] for _ in range(repeats)])
             r[f"decode_b{batch}_ms_per_token"] = 1e3 * (t_n - t_1) / (n - 1)
+            replay = graph_replay_ms(model, batch) if cuda else None
+            r[f"decode_b{batch}_graph_replay_ms"] = replay
             log(f"[{name}] decode b{batch}: {r[f'decode_b{batch}_ms_per_token']:.2f} ms/token "
-                f"({n} tokens in {t_n:.2f} s, 1 token in {t_1 * 1e3:.0f} ms)")
+                f"({n} tokens in {t_n:.2f} s, 1 token in {t_1 * 1e3:.0f} ms); the step's graph alone: "
+                f"{replay if replay is None else f'{replay:.3f} ms'}")
             del inputs
             gc.collect()
 
@@ -392,6 +417,7 @@ def table(result: dict) -> str:
         ("decode b1 (ms/token)", "decode_b1_ms_per_token", "{:.2f}"),
         ("decode b8 (ms/token)", "decode_b8_ms_per_token", "{:.2f}"),
         ("decode b64 (ms/token)", "decode_b64_ms_per_token", "{:.2f}"),
+        ("  of which the step's CUDA graph, b1 (ms)", "decode_b1_graph_replay_ms", "{:.2f}"),
         ("b8 × long new tokens, new tokens/s", "b8_long_new_tokens_per_s", "{:.0f}"),
         ("peak GiB, b8, 256 new", "peak_GiB_b8_256", "{:.2f}"),
         ("peak GiB, b8, 1024 new", "peak_GiB_b8_1024", "{:.2f}"),

@@ -81,3 +81,30 @@ def test_fast_path_cache_and_graph_are_reused_across_calls():
     cache, graph = runner.caches[2], runner.graphs[2][0]
     greedy(model, inputs, cache_implementation="static")
     assert runner.caches[2] is cache and runner.graphs[2][0] is graph
+
+
+@torch.no_grad()
+def test_fast_path_stops_at_eos_like_the_plain_path(monkeypatch):
+    """generate() reads its stop flag one step late on the fast path (allow_deferred_stop_checks): the extra step it
+    decodes after an EOS is undone, so rows that stop early come out as in the plain loop, padding included."""
+    from transformers.generation import utils as generation_utils
+
+    model = small_gpu_model()
+    inputs = prompt(model, 3)
+    free = greedy(model, inputs)
+    new = free[:, inputs["input_ids"].shape[1]:]
+    eos = int(new[0, 10])  # row 0 stops at its 11th new token at the latest
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    reference = model.generate(**inputs, **options)
+    used = []
+    init = generation_utils.DeferredStopCheck.__init__
+
+    def spy(self, *args, **kwargs):
+        used.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "__init__", spy)
+    fast = model.generate(**inputs, **options, cache_implementation="static")
+    assert used, "the fast path did not defer its stop check"
+    assert torch.equal(fast, reference)
+    assert (reference[0, inputs["input_ids"].shape[1]:] == eos).any()

@@ -1,10 +1,16 @@
 """Fast decoding on a GPU: the decode step of the Mamba-2 LM replayed as one CUDA graph.
 
-Why: a decode step of Mamba-2 2.7B reads ~5.4 GB of weights (≈1.8 ms at 3 TB/s), but in eager mode it launches
-~25 small kernels per layer × 64 layers, and the launches, not the bytes, set the pace (tens of ms per token).
-The step is therefore (1) compiled with `torch.compile` (inductor fuses the norms, gates, casts and residual adds
-between the two large matrix-vector products of each layer), and (2) captured once per batch size in a
-`torch.cuda.CUDAGraph` over preallocated conv / SSM states, then replayed: one launch per token.
+Why: a decode step of Mamba-2 2.7B reads ~5.4 GB of weights (≈1.9 ms at 2.9 TB/s), but in eager mode it launches
+~30 small kernels per layer × 64 layers, and the launches, not the bytes, set the pace (55 ms per token measured on an
+H100 with transformers' plain `generate()`). The step is therefore
+  (1) written per layer as one function of tensors (`make_block_step`: the arithmetic of transformers'
+      `Mamba2Block` on one token) around causal_conv1d's and mamba_ssm's single-token kernels, registered as custom
+      ops so that `torch.compile` takes the layer as one graph and fuses the norms, gates and casts in between; one
+      compiled graph serves all 64 layers;
+  (2) captured once per batch size in a `torch.cuda.CUDAGraph` over preallocated conv / SSM states, then replayed:
+      one launch per token;
+  (3) not waited for: `generate()` normally reads its stop flag on the host after every token; for these caches it
+      reads it one step late (`allow_deferred_stop_checks`), so that the loop's host work overlaps the GPU's.
 
 How it plugs into transformers' `generate()` (no loop of our own):
   - `cache_implementation="static"` asks `generate()` for a compileable cache. Our model answers with a
@@ -16,17 +22,206 @@ How it plugs into transformers' `generate()` (no loop of our own):
 Prefill is not captured: it runs eagerly through the same kernels as the rest of the model (mamba_ssm's chunked
 scan and causal_conv1d when installed: linear memory in the sequence length).
 
-Nothing here runs on CPU: without CUDA, `generate()` takes transformers' ordinary path.
+Nothing here runs on CPU by default: without CUDA, `generate()` takes transformers' ordinary path (the step function
+itself runs anywhere and is tested on CPU against transformers' Mamba-2).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import StaticCache
+from transformers.models.mamba2 import modeling_mamba2
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
+
+
+# ---- the kernels of one decode step ---------------------------------------------------------------------------------
+# causal_conv1d's and mamba_ssm's single-token kernels when they are installed (the ones transformers' Mamba-2 uses
+# eagerly), wrapped as opaque custom ops so that torch.compile takes a whole layer as one graph around them and fuses
+# the norms, gates and casts in between; transformers' own torch reference functions otherwise (compiled as they are).
+_KERNELS: tuple | None = None
+
+
+def _torch_conv_update(x, conv_state, weight, bias, activation):
+    return modeling_mamba2.causal_conv1d_update(x, conv_state, weight, bias, activation=activation)
+
+
+def _torch_state_update(state, x, dt, A, B, C, D, dt_bias):
+    return modeling_mamba2.mamba2_selective_state_update(
+        state, x, dt, A, B, C, D, z=None, dt_bias=dt_bias, dt_softplus=True
+    )
+
+
+def decode_kernels() -> tuple:
+    """(conv_update, state_update, names) for the decode step; the custom ops are registered on first use (once per
+    process, also when a remote-code copy of this file is imported beside the package)."""
+    global _KERNELS
+    if _KERNELS is not None:
+        return _KERNELS
+    conv_update, state_update, names = _torch_conv_update, _torch_state_update, ["torch", "torch"]
+    try:
+        from causal_conv1d import causal_conv1d_update as conv_kernel
+    except Exception:  # not installed, or built for another torch
+        conv_kernel = None
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update as state_kernel
+    except Exception:
+        state_kernel = None
+    ops = register_kernel_ops(conv_kernel, state_kernel)
+    if conv_kernel is not None:
+        conv_update, names[0] = ops.conv_state_update, "causal_conv1d"
+    if state_kernel is not None:
+        state_update, names[1] = ops.ssm_state_update, "mamba_ssm"
+    _KERNELS = (conv_update, state_update, tuple(names))
+    return _KERNELS
+
+
+def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
+    """Registers `{namespace}::conv_state_update` (around causal_conv1d_update's signature) and
+    `{namespace}::ssm_state_update` (around mamba_ssm's selective_state_update, softplus on dt, no gate) as custom
+    ops that mutate their state argument, each once per process; a kernel given as None is skipped."""
+    ops = getattr(torch.ops, namespace)
+    if conv_kernel is not None and not hasattr(ops, "conv_state_update"):
+
+        @torch.library.custom_op(f"{namespace}::conv_state_update", mutates_args=("conv_state",))
+        def conv_state_update(
+            x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            activation: str,
+        ) -> torch.Tensor:
+            return conv_kernel(x, conv_state, weight, bias, activation=activation)
+
+        @conv_state_update.register_fake
+        def _(x, conv_state, weight, bias, activation):
+            return torch.empty_like(x)
+
+    if state_kernel is not None and not hasattr(ops, "ssm_state_update"):
+
+        @torch.library.custom_op(f"{namespace}::ssm_state_update", mutates_args=("state",))
+        def ssm_state_update(
+            state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+            C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+        ) -> torch.Tensor:
+            return state_kernel(state, x, dt, A, B, C, D, z=None, dt_bias=dt_bias, dt_softplus=True)
+
+        @ssm_state_update.register_fake
+        def _(state, x, dt, A, B, C, D, dt_bias):
+            return torch.empty_like(x)
+
+    return ops
+
+
+@dataclass(frozen=True)
+class _BlockShape:
+    intermediate: int
+    conv_dim: int
+    heads: int
+    head_dim: int
+    groups: int
+    state: int
+    group_size: int
+    activation: str
+    residual_in_fp32: bool
+    norm_eps: float
+    gated_eps: float
+
+
+def make_block_step(language_model, kernels: tuple | None = None):
+    """One `Mamba2Block` of `language_model` (a transformers `Mamba2Model`) on one token, states updated in place.
+
+    The same arithmetic as `Mamba2Block.forward` + `Mamba2Mixer.forward`'s single-token branch (transformers 5.x),
+    written as a function of tensors so that one compiled graph serves every layer. It takes the previous block's
+    residual stream and mixer output separately and returns its own, so that the residual add of one layer and the
+    RMSNorm of the next land in one fused kernel."""
+    config = language_model.config
+    mixer = language_model.layers[0].mixer
+    intermediate = int(config.expand * config.hidden_size)
+    shape = _BlockShape(
+        intermediate=intermediate,
+        conv_dim=intermediate + 2 * config.n_groups * config.state_size,
+        heads=config.num_heads,
+        head_dim=config.head_dim,
+        groups=config.n_groups,
+        state=config.state_size,
+        group_size=mixer.norm.group_size,
+        activation=mixer.activation,
+        residual_in_fp32=bool(config.residual_in_fp32),
+        norm_eps=language_model.layers[0].norm.variance_epsilon,
+        gated_eps=mixer.norm.variance_epsilon,
+    )
+    conv_update, state_update, _ = decode_kernels() if kernels is None else kernels
+    s = shape
+
+    def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
+                   gated_w, out_w, out_b):
+        hidden = residual + out  # the previous block's output (Mamba2Block: residual + mixer output)
+        residual = hidden.float() if s.residual_in_fp32 else hidden
+        # Mamba2RMSNorm
+        x = hidden.to(norm_w.dtype)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + s.norm_eps)
+        x = norm_w * xf.to(x.dtype)
+        batch = x.shape[0]
+        # Mamba2Mixer, one token against the cached conv and SSM states
+        projected = F.linear(x, in_w, in_b)
+        gate, xBC, dt = projected.split([s.intermediate, s.conv_dim, s.heads], dim=-1)
+        xBC = conv_update(xBC.transpose(1, 2), conv_state, conv_w.squeeze(1), conv_b, s.activation).transpose(1, 2)
+        xs, B, C = xBC.split([s.intermediate, s.groups * s.state, s.groups * s.state], dim=-1)
+        A = -torch.exp(A_log.float())
+        y = state_update(
+            ssm_state,
+            xs.view(batch, s.heads, s.head_dim),
+            dt.transpose(1, 2).expand(-1, -1, s.head_dim),
+            A[:, None, None].expand(-1, s.head_dim, s.state),
+            B.view(batch, s.groups, s.state),
+            C.view(batch, s.groups, s.state),
+            D[:, None].expand(-1, s.head_dim),
+            dt_bias[:, None].expand(-1, s.head_dim),
+        ).view(batch, 1, -1)
+        # MambaRMSNormGated (gate before the norm)
+        yf = y.float() * F.silu(gate.float())
+        yg = yf.view(batch, 1, -1, s.group_size)
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + s.gated_eps)
+        y = gated_w * yg.view(batch, 1, -1).to(y.dtype)
+        return residual, F.linear(y.to(x.dtype), out_w, out_b)
+
+    return block_step
+
+
+# ---- generate()'s stop check without a host-device round trip per token ---------------------------------------------
+def allow_deferred_stop_checks() -> bool:
+    """Let `generate()` defer its per-token stop check by one step for the fast path's caches.
+
+    transformers (5.2x) reads `unfinished_sequences.max() == 0` on the host after every token, which makes the host
+    wait for the device each step: the generation loop's own host work (≈0.7 ms per token on an H100 host) then adds
+    to every decode step instead of overlapping it. Its `DeferredStopCheck` (the same loop, the flag read one step
+    late, one extra step undone at the end) removes the stall but is switched on for MPS only. We widen
+    `DeferredStopCheck.is_supported` to caches that carry `_mlmamba_defer_stop_check` (the runner's static state
+    caches), when the cache is not handed back to the caller; every other cache gets transformers' own answer.
+    Returns False when this transformers has no `DeferredStopCheck`."""
+    try:
+        from transformers.generation import utils as generation_utils
+
+        check = generation_utils.DeferredStopCheck
+    except (ImportError, AttributeError):
+        return False
+    original = check.__dict__["is_supported"]
+    original = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(original, "_mlmamba_widened", False):
+        return True
+
+    def is_supported(device, cache, cache_is_returned, is_assistant=False):
+        if getattr(cache, "_mlmamba_defer_stop_check", False) and not cache_is_returned and not is_assistant:
+            return True
+        return original(device, cache, cache_is_returned, is_assistant=is_assistant)
+
+    is_supported._mlmamba_widened = True
+    check.is_supported = staticmethod(is_supported)
+    return True
 
 
 class DecodeGraphRunner:
@@ -44,29 +239,59 @@ class DecodeGraphRunner:
         self.caches: dict[int, StaticCache] = {}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, StaticCache]] = {}
         self.pool = None
-        self._step = None
+        self.fullgraph = True  # one graph per layer; set to False when that fails, keeping graph breaks
+        self.failed_modes: set[str] = set()  # compile modes that failed here: not tried again
+        self._block = None
+        allow_deferred_stop_checks()
 
     def set_compile_mode(self, compile_mode: str | None) -> None:
+        if compile_mode in self.failed_modes:
+            compile_mode = None
         if compile_mode != self.compile_mode:
-            self.compile_mode, self._step, self.graphs = compile_mode, None, {}
+            self.compile_mode, self.fullgraph, self._block, self.graphs = compile_mode, True, None, {}
+
+    def _fall_back(self, *, fullgraph: bool) -> None:
+        """After a failed compilation: retry with graph breaks (fullgraph=False) or without compiling."""
+        if not fullgraph:
+            self.fullgraph = False
+        else:
+            self.failed_modes.add(self.compile_mode)
+            self.compile_mode = None
+        self._block, self.graphs = None, {}
 
     # ---- the step that is captured ------------------------------------------------------------------------------
-    def _eager_step(self, input_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+    def _block_fn(self):
+        """The per-layer decode function (compiled once, shared by all layers: they have the same shapes)."""
+        if self._block is None:
+            block = make_block_step(self.model.model.language_model)
+            if self.compile_mode is not None:
+                block = torch.compile(block, mode=self.compile_mode, fullgraph=self.fullgraph, dynamic=False)
+            self._block = block
+        return self._block
+
+    def _step(self, input_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
         """input_ids: (batch, 1) → float32 logits (batch, 1, vocab); updates `cache` in place.
 
-        The text-only decode step of `MLMambaForConditionalGeneration.forward` (no image tokens can occur here:
-        generated ids come from the LM's own vocabulary)."""
-        model = self.model
-        hidden = model.model.language_model(input_ids=input_ids, cache_params=cache, use_cache=True).last_hidden_state
+        The text-only decode step of `MLMambaForConditionalGeneration.forward`, i.e. `Mamba2Model` on one token,
+        layer by layer. A generated `<image>` id (it lies inside the LM's vocabulary) is embedded as id 0, as the
+        model's forward does for placeholders without pixel values."""
+        model, lm = self.model, self.model.model.language_model
+        block = self._block_fn()
+        input_ids = input_ids.masked_fill(input_ids == model.config.image_token_id, 0)
+        hidden = lm.embeddings(input_ids)
+        residual = hidden.float() if lm.config.residual_in_fp32 else hidden
+        out = torch.zeros_like(hidden)  # layer 0 adds nothing to its input
+        for layer, states in zip(lm.layers, cache.layers):
+            mixer = layer.mixer
+            residual, out = block(
+                residual, out, states.conv_states[0], states.recurrent_states[0], layer.norm.weight,
+                mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
+                mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias,
+            )
+        hidden = lm.norm_f(residual + out)
         return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
     def step_fn(self):
-        if self._step is None:
-            self._step = (
-                self._eager_step
-                if self.compile_mode is None
-                else torch.compile(self._eager_step, mode=self.compile_mode, fullgraph=False)
-            )
         return self._step
 
     # ---- the cache --------------------------------------------------------------------------------------------
@@ -94,6 +319,7 @@ class DecodeGraphRunner:
                     batch_size, num_heads, head_dim, state, device=device, dtype=torch.float32
                 ),
             )
+        cache._mlmamba_defer_stop_check = True  # see allow_deferred_stop_checks
         return cache
 
     @torch.no_grad()
@@ -102,17 +328,31 @@ class DecodeGraphRunner:
         prefill: they are saved before and put back after, since warm-up and capture run the step."""
         saved = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in cache.layers]
         try:
-            self._warm_up_and_capture(batch_size, cache)
-        except Exception as error:  # a kernel that torch.compile cannot take: capture the eager kernels instead
+            try:
+                self._warm_up_and_capture(batch_size, cache)
+            except Exception as error:  # torch.compile could not take the whole layer as one graph
+                if self.compile_mode is None or not self.fullgraph:
+                    raise
+                logger.warning(f"Compiling the decode step as one graph failed ({type(error).__name__}: {error}); "
+                               "compiling it with graph breaks")
+                self._fall_back(fullgraph=False)
+                self._restore(cache, saved)
+                self._warm_up_and_capture(batch_size, cache)
+        except Exception as error:  # nor in pieces: capture the eager kernels instead
             if self.compile_mode is None:
                 raise
             logger.warning(f"Compiling the decode step failed ({type(error).__name__}: {error}); capturing it eagerly")
-            self.set_compile_mode(None)
+            self._fall_back(fullgraph=True)
+            self._restore(cache, saved)
             self._warm_up_and_capture(batch_size, cache)
         finally:
-            for layer, (conv, ssm) in zip(cache.layers, saved):
-                layer.conv_states[0].copy_(conv)
-                layer.recurrent_states[0].copy_(ssm)
+            self._restore(cache, saved)
+
+    @staticmethod
+    def _restore(cache: StaticCache, saved: list) -> None:
+        for layer, (conv, ssm) in zip(cache.layers, saved):
+            layer.conv_states[0].copy_(conv)
+            layer.recurrent_states[0].copy_(ssm)
 
     def _warm_up_and_capture(self, batch_size: int, cache: StaticCache) -> None:
         static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.model.device)

@@ -404,7 +404,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
                     mask.unsqueeze(-1).to(inputs_embeds.device),
                     image_features.to(inputs_embeds.device, inputs_embeds.dtype),
                 )
-            elif bool(is_image.any()) and (cache_params is None or input_ids.shape[1] > 1):
+            elif (cache_params is None or input_ids.shape[1] > 1) and bool(is_image.any()):  # no sync per token
                 raise ValueError(
                     f"input_ids contain {int(is_image.sum())} image tokens (id {self.config.image_token_id}) "
                     "but no pixel_values were given"

@@ -1,0 +1,113 @@
+"""The fast path's decode step (generation_mlmamba.py), on CPU.
+
+References: transformers' own `Mamba2Model` forward on one token against the same prefilled state (the plain path),
+and the step run without compilation. The GPU-only parts (CUDA graph capture, the mamba_ssm / causal_conv1d kernels)
+are tested in test_gpu_fast_path.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.tiny import image_prompt_ids, tiny_model, tiny_text_config
+from transformers.generation import utils as generation_utils
+from transformers.models.mamba2 import modeling_mamba2
+
+from modeling_mlmamba.generation_mlmamba import (
+    DecodeGraphRunner,
+    _torch_conv_update,
+    _torch_state_update,
+    allow_deferred_stop_checks,
+    make_block_step,
+    register_kernel_ops,
+)
+from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
+
+
+def _prefilled(model, runner_cache_batch=2):
+    """Two caches holding the same prefill of a 2-row image prompt: one for the step, one for the reference."""
+    ids = torch.cat([image_prompt_ids(model.config, [5, 6, 7, 8]), image_prompt_ids(model.config, [9, 10, 11, 12])])
+    pv = torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(3))
+    caches = []
+    for _ in range(2):
+        cache = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None).cache_for(runner_cache_batch)
+        logits = model(input_ids=ids, pixel_values=pv, cache_params=cache, use_cache=True).logits
+        caches.append(cache)
+    return logits[:, -1:].argmax(-1), caches
+
+
+@pytest.mark.parametrize(
+    "text_overrides",
+    [dict(), dict(residual_in_fp32=False), dict(n_groups=2, num_heads=4)],
+    ids=["released", "bf16-residual-shape", "two-groups"],
+)
+@torch.no_grad()
+def test_decode_step_matches_transformers_mamba2_token_by_token(text_overrides):
+    model = tiny_model(seed=21, text_config=tiny_text_config(**text_overrides))
+    next_ids, (cache, reference_cache) = _prefilled(model)
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)
+    for step in range(8):
+        reference = model(input_ids=next_ids, cache_params=reference_cache, use_cache=True).logits.float()
+        fast = runner._step(next_ids, cache)
+        assert fast.shape == reference.shape == (2, 1, model.config.text_config.vocab_size)
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5, msg=f"logits differ at step {step}")
+        for layer, (mine, theirs) in enumerate(zip(cache.layers, reference_cache.layers)):
+            torch.testing.assert_close(mine.conv_states[0], theirs.conv_states[0], msg=f"conv state, layer {layer}")
+            torch.testing.assert_close(mine.recurrent_states[0], theirs.recurrent_states[0], atol=1e-6, rtol=1e-5,
+                                       msg=f"SSM state, layer {layer}")
+        next_ids = reference.argmax(-1)
+
+
+@torch.no_grad()
+def test_decode_block_traces_as_one_graph_around_the_kernel_ops():
+    """The per-layer function with the kernels behind custom ops (as on a GPU with mamba_ssm / causal_conv1d):
+    torch.compile takes it whole (fullgraph), and the compiled layer updates the states and returns what the plain
+    function does. aot_eager traces with fake tensors (the ops' fake implementations) without generating code."""
+    model = tiny_model(seed=22)
+    lm = model.model.language_model
+    # transformers' torch functions have the signatures of causal_conv1d_update and mamba_ssm's selective_state_update
+    ops = register_kernel_ops(modeling_mamba2.causal_conv1d_update, modeling_mamba2.mamba2_selective_state_update,
+                              namespace="mlmamba_test")
+    kernels = (ops.conv_state_update, ops.ssm_state_update, ("op", "op"))
+    plain = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    compiled = torch.compile(make_block_step(lm, kernels=kernels), backend="aot_eager", fullgraph=True, dynamic=False)
+    next_ids, (cache, _) = _prefilled(model)
+    layer = lm.layers[1]
+    mixer = layer.mixer
+    weights = (layer.norm.weight, mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias,
+               mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias)
+    residual = torch.randn(2, 1, lm.config.hidden_size)
+    out = torch.randn(2, 1, lm.config.hidden_size)
+    states = [(cache.layers[1].conv_states[0].clone(), cache.layers[1].recurrent_states[0].clone()) for _ in range(2)]
+    expected = plain(residual, out, *states[0], *weights)
+    for _ in range(2):  # twice: the second call reuses the compiled graph
+        got = compiled(residual, out, *states[1], *weights)
+    expected = plain(residual, out, *states[0], *weights)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(states[1][0], states[0][0])
+    torch.testing.assert_close(states[1][1], states[0][1])
+    assert not torch.equal(states[1][1], cache.layers[1].recurrent_states[0]), "the op did not update the state"
+
+
+def test_deferred_stop_check_is_widened_only_for_the_fast_path_caches():
+    if not hasattr(generation_utils, "DeferredStopCheck"):
+        pytest.skip("this transformers has no DeferredStopCheck")
+    assert allow_deferred_stop_checks() and allow_deferred_stop_checks()  # idempotent
+    check = generation_utils.DeferredStopCheck.is_supported
+    assert getattr(check, "_mlmamba_widened", False)
+
+    class Flagged:
+        _mlmamba_defer_stop_check = True
+        is_croppable = False
+
+    class Plain:
+        is_croppable = False
+
+    cuda = torch.device("cuda")
+    assert check(cuda, Flagged(), False, is_assistant=False)
+    # everything else gets transformers' own answer (MPS only, and never when the cache is handed back)
+    assert not check(cuda, Flagged(), True, is_assistant=False)
+    assert not check(cuda, Flagged(), False, is_assistant=True)
+    assert not check(cuda, Plain(), False, is_assistant=False)
+    assert check(torch.device("mps"), None, False, is_assistant=False)
