@@ -393,12 +393,12 @@ def ratios(result: dict) -> dict:
     m, l = result["models"].get("mlmamba"), result["models"].get("llava")
     out = {}
     bw = result.get("copy_bandwidth_Bps")
-    if m and bw:
-        floor_ms = 1e3 * m["floor_bytes_b1"]["total_bytes"] / bw
+    if m and (m.get("copy_bandwidth_Bps") or bw):  # each model's floor from the bandwidth measured in its own run
+        floor_ms = 1e3 * m["floor_bytes_b1"]["total_bytes"] / (m.get("copy_bandwidth_Bps") or bw)
         out["mlmamba_floor_ms"] = floor_ms
         out["mlmamba_decode_b1_over_floor"] = m["decode_b1_ms_per_token"] / floor_ms
-    if l and bw:
-        out["llava_floor_ms"] = 1e3 * l["floor_bytes_b1"]["total_bytes"] / bw
+    if l and (l.get("copy_bandwidth_Bps") or bw):
+        out["llava_floor_ms"] = 1e3 * l["floor_bytes_b1"]["total_bytes"] / (l.get("copy_bandwidth_Bps") or bw)
     if m and l:
         out["e2e_tokens_per_s_ratio"] = m["e2e_new_tokens_per_s"] / l["e2e_new_tokens_per_s"]
         out["b8_long_tokens_per_s_ratio"] = m["b8_long_new_tokens_per_s"] / l["b8_long_new_tokens_per_s"]
@@ -465,6 +465,7 @@ def main():
     for name in args.models.split(","):
         try:
             result["models"][name] = run_model(name, args, log)
+            result["models"][name].update(copy_bandwidth_Bps=bw, command=result["command"])
         except Exception as error:
             import traceback
 
