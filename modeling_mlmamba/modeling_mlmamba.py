@@ -112,10 +112,13 @@ class ScanConnectorMixer(nn.Module):
         """One direction on an already reordered projection. zxbcdt: (batch, length, d_inner + conv_dim + heads)."""
         batch, length, _ = zxbcdt.shape
         z, xbc, dt = zxbcdt.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
-        # (batch, conv_dim, length): channel-last memory, which the causal_conv1d kernel accepts as is
-        xbc = causal_conv1d_fn(
-            xbc.transpose(1, 2), direction.conv1d.weight.squeeze(1), direction.conv1d.bias, activation="silu"
-        ).transpose(1, 2)
+        # (batch, conv_dim, length): channel-last memory, which the causal_conv1d kernel takes as is when its strides
+        # are multiples of 8 (the released widths); otherwise (small test widths) a contiguous copy.
+        xbc = xbc.transpose(1, 2)
+        if xbc.stride(0) % 8 or xbc.stride(2) % 8:
+            xbc = xbc.contiguous()
+        xbc = causal_conv1d_fn(xbc, direction.conv1d.weight.squeeze(1), direction.conv1d.bias, activation="silu")
+        xbc = xbc.transpose(1, 2)
         x, B, C = xbc.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
         y = mamba2_chunk_scan(
             x.reshape(batch, length, self.num_heads, self.head_dim),
