@@ -497,27 +497,36 @@ def find_resume_checkpoint(args) -> str:
 # -----------------------------------------------------------------------------------------------------------------
 def save_final(accelerator, args, model, processor, log) -> None:
     state_dict = accelerator.get_state_dict(model)  # a full state dict on the main process, also under FSDP
-    # FSDP's wrapped units can leave their wrapper's name inside the keys: the adapter must not carry it
+    # FSDP's wrapped units can leave their wrapper's name inside the keys: the saved folders must not carry it
     state_dict = {re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module)\.", "", k): v for k, v in state_dict.items()}
     unwrapped = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
-    if args.mode == "lora":
+    if main and args.mode == "lora":
+        # PEFT selects an adapter's entries by the names of the model's LoRA layers, which under FSDP contain the
+        # wrappers' names while the gathered keys do not (it would silently drop every wrapped layer). So the
+        # adapter is put into a fresh, unwrapped CPU copy of the base model and saved from there, whatever the
+        # training sharding was; the merged folder is made from the same copy.
+        from peft import get_peft_model
+
+        base = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+        fresh = get_peft_model(base, unwrapped.peft_config["default"])
+        expected = {k for k in fresh.state_dict() if "lora_" in k}
+        weights = {k: v for k, v in state_dict.items() if k in expected}
+        if weights.keys() != expected:
+            missing = sorted(expected - weights.keys())
+            raise RuntimeError(f"{len(missing)} of {len(expected)} LoRA tensors are missing from the gathered state "
+                               f"dict, e.g. {missing[:3]}; its keys look like {list(state_dict)[:3]}")
+        fresh.load_state_dict(weights, strict=False)
         tmp = os.path.join(args.output_dir, ".tmp-adapter")
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            replace_dir(tmp, os.path.join(args.output_dir, "adapter"))
-            log(f"adapter: {os.path.join(args.output_dir, 'adapter')}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fresh.save_pretrained(tmp)
+        replace_dir(tmp, os.path.join(args.output_dir, "adapter"))
+        log(f"adapter: {os.path.join(args.output_dir, 'adapter')} ({len(weights)} tensors)")
     if main and (args.mode != "lora" or args.merge):
         tmp = os.path.join(args.output_dir, ".tmp-merged")
         shutil.rmtree(tmp, ignore_errors=True)
         if args.mode == "lora":
-            # Merge into a fresh CPU copy of the base model: the same code whatever the training sharding was.
-            from peft import PeftModel
-
-            base = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
-            merged = PeftModel.from_pretrained(base, os.path.join(args.output_dir, "adapter")).merge_and_unload()
-            merged.save_pretrained(tmp)
+            fresh.merge_and_unload().save_pretrained(tmp)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)

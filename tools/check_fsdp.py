@@ -39,10 +39,11 @@ def setup(root: Path) -> tuple[str, str]:
     from PIL import Image
 
     from tests.test_recipes import COLOURS, llava_record, write_jsonl
-    from tests.tiny import tiny_model, tiny_processor
+    from tests.tiny import tiny_model, tiny_processor, tiny_text_config
 
     base, data = root / "base", root / "data"
-    tiny_model(seed=0).save_pretrained(base)
+    # LM widths that are multiples of 8: causal_conv1d (used by transformers' Mamba-2 on a GPU) refuses others
+    tiny_model(seed=0, text_config=tiny_text_config(num_heads=8, head_dim=8)).save_pretrained(base)
     tiny_processor().save_pretrained(base)
     (data / "images").mkdir(parents=True, exist_ok=True)
     for name, rgb in COLOURS.items():
@@ -122,11 +123,13 @@ def main():
     from tests.test_recipes import example_batch
 
     processor = AutoProcessor.from_pretrained(base, trust_remote_code=True)
-    batch = example_batch(processor, data)
-    merged = AutoModelForImageTextToText.from_pretrained(str(root / "fsdp" / "merged"), trust_remote_code=True).eval()
+    # on the GPU: with causal_conv1d installed, transformers' Mamba-2 sends even CPU tensors to its CUDA kernel
+    batch = {k: v.cuda() for k, v in example_batch(processor, data).items()}
+    merged = AutoModelForImageTextToText.from_pretrained(str(root / "fsdp" / "merged"), trust_remote_code=True)
+    merged = merged.cuda().eval()
     with_adapter = PeftModel.from_pretrained(
         AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=True), str(root / "fsdp" / "adapter")
-    ).eval()
+    ).cuda().eval()
     with torch.no_grad():
         a, b = merged(**batch).logits, with_adapter(**batch).logits
     check("FSDP merged folder = base + adapter", torch.allclose(a, b, atol=1e-4), f"max |Δlogit| {(a - b).abs().max():.2e}")
