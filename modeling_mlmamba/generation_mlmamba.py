@@ -294,6 +294,15 @@ class DecodeGraphRunner:
     def step_fn(self):
         return self._step
 
+    def release(self, keep: tuple[int, ...] = ()) -> None:
+        """Frees the state caches and graphs of every batch size not in `keep` (a batch-64 state in float32 holds
+        ~11 GB for the released model); they are allocated and captured again on next use."""
+        for batch_size in [b for b in self.caches if b not in keep]:
+            self.caches.pop(batch_size)
+            self.graphs.pop(batch_size, None)
+        if not self.graphs:
+            self.pool = None
+
     # ---- the cache --------------------------------------------------------------------------------------------
     def cache_for(self, batch_size: int) -> StaticCache:
         """The cache for `batch_size` rows: allocated on first use, then reset and reused, so that its conv / SSM

@@ -111,3 +111,12 @@ def test_deferred_stop_check_is_widened_only_for_the_fast_path_caches():
     assert not check(cuda, Flagged(), False, is_assistant=True)
     assert not check(cuda, Plain(), False, is_assistant=False)
     assert check(torch.device("mps"), None, False, is_assistant=False)
+
+
+def test_release_frees_other_batch_sizes_and_keeps_the_one_asked_for():
+    model = tiny_model(seed=24)
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)
+    kept, dropped = runner.cache_for(2), runner.cache_for(3)
+    runner.release(keep=(2,))
+    assert runner.caches == {2: kept}
+    assert runner.cache_for(3) is not dropped  # allocated again on next use
