@@ -41,7 +41,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, get_cosine_schedule_with_warmup
@@ -434,6 +434,28 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]  # (LoRA has no 1-D parameters; FSDP's optimizer state wants no empty group)
 
 
+def materialize_optimizer_state(optimizer) -> None:
+    """Creates the optimizer's per-parameter state (Adam's moments) without changing any parameter.
+
+    Adam creates its state at its first step. Under FSDP, Accelerate loads a sharded optimizer checkpoint into the
+    entries of the current optimizer's state dict, so into a fresh optimizer it loads no moments at all, and a resumed
+    run drifts from its second step on. One step at learning rate 0 with zero gradients creates the entries (what
+    torch.distributed.checkpoint does for FSDP2); the checkpoint then overwrites them."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    if optimizer.state:
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
 def frozen_towers_eval(model):
     """Training mode everywhere except the frozen towers (no dropout / drop-path in features the original froze)."""
     model.train()
@@ -613,6 +635,8 @@ def main(argv=None):
         changed = {k: (saved["run"][k], run_info[k]) for k in SAME_ON_RESUME if saved["run"][k] != run_info[k]}
         if changed:
             raise SystemExit(f"--resume: {checkpoint} was written with other settings (saved, now): {changed}")
+        if accelerator.distributed_type == DistributedType.FSDP:
+            materialize_optimizer_state(optimizer)
         accelerator.load_state(checkpoint)
         step, start_epoch, resume_batch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
         log(f"resumed from {checkpoint}: step {step}, epoch {start_epoch}, batch {resume_batch}")

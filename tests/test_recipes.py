@@ -375,3 +375,33 @@ def test_evaluate_scores_batched_predictions(lora_run, data_dir, tmp_path):
     contains = sum(r["contains_answer"] for r in batched)
     assert batched[2]["contains_answer"]
     assert f"exact match {100 * exact / 5:.2f}%, contains answer {100 * contains / 5:.2f}%" in result.stdout
+
+
+def test_optimizer_state_is_materialized_without_moving_any_parameter():
+    """Before an FSDP resume the optimizer needs its per-parameter entries (Adam creates them at its first step), or
+    the sharded load has nowhere to put the saved moments. Creating them must leave every parameter, the learning
+    rates and the gradients as they were; loading a real state afterwards must overwrite them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune_module", FINETUNE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    net[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    groups = [{"params": [net[1].weight], "weight_decay": 0.1},
+              {"params": [net[0].bias, net[1].bias], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    module.materialize_optimizer_state(optimizer)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 1e-2]
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert len(optimizer.state) == len(trainable) and all(p.grad is None for p in net.parameters())
+    assert all(set(optimizer.state[p]) >= {"exp_avg", "exp_avg_sq", "step"} for p in trainable)
+    # a trained optimizer's state loads over the placeholders
+    trained = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=1e-2)
+    net(torch.randn(5, 4)).sum().backward()
+    trained.step()
+    optimizer.load_state_dict(trained.state_dict())
+    assert torch.equal(optimizer.state[net[1].weight]["exp_avg"], trained.state[net[1].weight]["exp_avg"])
