@@ -86,7 +86,7 @@ def main():
             per_token = 1e3 * (tn - t1) / (args.tokens - 1)
             print(f"graph replay b{b}: {replay_ms:.3f} ms (GPU); generate(): {per_token:.3f} ms/token; "
                   f"loop overhead {per_token - replay_ms:.3f} ms/token; prefill+1 token {1e3 * t1:.1f} ms")
-            step = runner.step_fn()
+            step = runner._step
             step(static_ids, cache)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -291,9 +291,6 @@ class DecodeGraphRunner:
         hidden = lm.norm_f(residual + out)
         return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
-    def step_fn(self):
-        return self._step
-
     def release(self, keep: tuple[int, ...] = ()) -> None:
         """Frees the state caches and graphs of every batch size not in `keep` (a batch-64 state in float32 holds
         ~11 GB for the released model); they are allocated and captured again on next use."""
@@ -365,7 +362,7 @@ class DecodeGraphRunner:
 
     def _warm_up_and_capture(self, batch_size: int, cache: StaticCache) -> None:
         static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.model.device)
-        step = self.step_fn()
+        step = self._step
         # Warm up on a side stream: compilation, autotuning and lazy cuBLAS / Triton initialisation happen here,
         # outside the capture.
         stream = torch.cuda.Stream()
