@@ -301,10 +301,17 @@ class DecodeGraphRunner:
             self.pool = None
 
     # ---- the cache --------------------------------------------------------------------------------------------
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return getattr(torch, getattr(self.model.config, "ssm_state_dtype", None) or "float32")
+
     def cache_for(self, batch_size: int) -> StaticCache:
         """The cache for `batch_size` rows: allocated on first use, then reset and reused, so that its conv / SSM
         states keep the addresses the captured graph replays against."""
         cache = self.caches.get(batch_size)
+        if cache is not None and cache.layers[0].recurrent_states[0].dtype != self.state_dtype:
+            self.release(keep=tuple(b for b in self.caches if b != batch_size))  # config.ssm_state_dtype changed
+            cache = None
         if cache is None:
             cache = self._allocate(batch_size)
             self.caches[batch_size] = cache
@@ -318,11 +325,12 @@ class DecodeGraphRunner:
         num_heads, head_dim, state = text_config.num_heads, text_config.head_dim, text_config.state_size
         conv_dim = int(text_config.expand * text_config.hidden_size) + 2 * text_config.n_groups * state
         for layer in cache.layers:
-            # conv state in the activations' dtype, SSM state in float32 (what the chunked scan hands over)
+            # conv state in the activations' dtype; SSM state in config.ssm_state_dtype (float32 by default: what the
+            # chunked scan hands over; the prefill's final state is cast into it)
             layer.lazy_initialization(
                 conv_states=torch.zeros(batch_size, conv_dim, text_config.conv_kernel, device=device, dtype=dtype),
                 recurrent_states=torch.zeros(
-                    batch_size, num_heads, head_dim, state, device=device, dtype=torch.float32
+                    batch_size, num_heads, head_dim, state, device=device, dtype=self.state_dtype
                 ),
             )
         cache._mlmamba_defer_stop_check = True  # see allow_deferred_stop_checks

@@ -119,3 +119,48 @@ def test_release_frees_other_batch_sizes_and_keeps_the_one_asked_for():
     runner.release(keep=(2,))
     assert runner.caches == {2: kept}
     assert runner.cache_for(3) is not dropped  # allocated again on next use
+
+
+@torch.no_grad()
+def test_bfloat16_ssm_state_decodes_like_a_float32_state_rounded_after_every_token():
+    """config.ssm_state_dtype="bfloat16": the fast path's cache keeps the SSM state in bf16. Reference: transformers'
+    own step on a float32 state that is rounded to bf16 after the prefill and after every token (what storing it in
+    bf16 means; each token's output is computed before the rounding, as mamba_ssm's kernel does)."""
+    model = tiny_model(seed=25)
+    ids = torch.cat([image_prompt_ids(model.config, [5, 6, 7, 8]), image_prompt_ids(model.config, [9, 10, 11, 12])])
+    pv = torch.randn(2, 6, 32, 32, generator=torch.Generator().manual_seed(3))
+    reference_cache = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None).cache_for(2)
+    model.config.ssm_state_dtype = "bfloat16"
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)
+    cache = runner.cache_for(2)
+    assert {layer.recurrent_states[0].dtype for layer in cache.layers} == {torch.bfloat16}
+    assert reference_cache.layers[0].recurrent_states[0].dtype == torch.float32
+
+    def round_reference():
+        for layer in reference_cache.layers:
+            layer.recurrent_states[0].copy_(layer.recurrent_states[0].bfloat16().float())
+
+    model(input_ids=ids, pixel_values=pv, cache_params=cache, use_cache=True)
+    next_ids = model(input_ids=ids, pixel_values=pv, cache_params=reference_cache, use_cache=True).logits[:, -1:]
+    next_ids = next_ids.argmax(-1)
+    round_reference()
+    for step in range(6):
+        reference = model(input_ids=next_ids, cache_params=reference_cache, use_cache=True).logits.float()
+        round_reference()
+        fast = runner._step(next_ids, cache)
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5, msg=f"logits differ at step {step}")
+        for layer, (mine, theirs) in enumerate(zip(cache.layers, reference_cache.layers)):
+            torch.testing.assert_close(mine.recurrent_states[0].float(), theirs.recurrent_states[0], atol=0, rtol=0,
+                                       msg=f"SSM state, layer {layer}, step {step}")
+        next_ids = reference.argmax(-1)
+
+    # switching back re-allocates the batch's cache in float32
+    model.config.ssm_state_dtype = "float32"
+    assert runner.cache_for(2).layers[0].recurrent_states[0].dtype == torch.float32
+
+
+def test_ssm_state_dtype_is_checked():
+    from modeling_mlmamba import MLMambaConfig
+
+    with pytest.raises(ValueError, match="ssm_state_dtype must be one of .*'float64'"):
+        MLMambaConfig(ssm_state_dtype="float64")

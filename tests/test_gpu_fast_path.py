@@ -108,3 +108,36 @@ def test_fast_path_stops_at_eos_like_the_plain_path(monkeypatch):
     assert used, "the fast path did not defer its stop check"
     assert torch.equal(fast, reference)
     assert (reference[0, inputs["input_ids"].shape[1]:] == eos).any()
+
+
+@torch.no_grad()
+def test_bfloat16_state_fast_path_follows_a_float32_state_rounded_after_every_token():
+    """config.ssm_state_dtype="bfloat16" (the original code's state dtype) on the GPU, through the captured and
+    compiled step with mamba_ssm's kernel: each token's logits match transformers' eager step on a float32 state
+    that is rounded to bf16 after the prefill and after every token, and the greedy tokens are the same."""
+    from modeling_mlmamba.generation_mlmamba import DecodeGraphRunner
+    from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
+
+    model = small_gpu_model()
+    inputs = prompt(model, 2)
+    reference_cache = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None).cache_for(2)
+    model.config.ssm_state_dtype = "bfloat16"
+    greedy(model, inputs, cache_implementation="static")  # captures the batch-2 step over a bf16 state
+    runner = model._decode_graphs
+    cache = runner.cache_for(2)
+    assert cache.layers[0].recurrent_states[0].dtype == torch.bfloat16
+
+    def round_reference():
+        for layer in reference_cache.layers:
+            layer.recurrent_states[0].copy_(layer.recurrent_states[0].bfloat16().float())
+
+    model(**inputs, cache_params=cache, use_cache=True)
+    next_ids = model(**inputs, cache_params=reference_cache, use_cache=True).logits[:, -1:].argmax(-1)
+    round_reference()
+    for step in range(16):
+        reference = model(input_ids=next_ids, cache_params=reference_cache, use_cache=True).logits.float()
+        round_reference()
+        fast = runner(input_ids=next_ids, cache_params=cache).logits
+        torch.testing.assert_close(fast, reference, atol=2e-4, rtol=1e-3, msg=f"logits differ at step {step}")
+        assert torch.equal(fast.argmax(-1), reference.argmax(-1)), f"greedy token differs at step {step}"
+        next_ids = reference.argmax(-1)

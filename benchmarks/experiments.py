@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Measurements behind the fast path's design choices, on one GPU (released shapes, random bf16 weights).
+
+  --part prefill   host time per call of each piece of one LM layer's prefill (transformers' Mamba-2 block,
+                   its in_proj / conv / chunked scan / gated norm / out_proj, mamba_ssm's fused alternatives), and
+                   the whole LM prefill with the fast path's cache: where the prefill's host time goes.
+  --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
+                   SSM state in float32 or bfloat16, causal_conv1d's kernel or inductor's code for the conv update,
+                   inductor's default or max-autotune mode.
+
+  python benchmarks/experiments.py --part prefill,decode [--tokens 800] [--batches 1,8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from generation import build, copy_bandwidth  # noqa: E402
+from transformers import CompileConfig  # noqa: E402
+
+from modeling_mlmamba import generation_mlmamba  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", default="prefill,decode")
+    p.add_argument("--tokens", type=int, default=800, help="prefill length")
+    p.add_argument("--batches", default="1,8,64", help="decode batch sizes")
+    p.add_argument("--variants", default="fp32,bf16,bf16-torch-conv,bf16-max-autotune")
+    return p.parse_args()
+
+
+def host_and_wall(fn, n: int = 64) -> tuple[float, float]:
+    """µs per call: until the calls return (host), and until the GPU is done (wall)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return 1e6 * (t1 - t0) / n, 1e6 * (t2 - t0) / n
+
+
+def gpu_us(fn, n: int = 20) -> float:
+    """µs of GPU time per call, from the profiler's kernel times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / n
+
+
+def prefill_parts(model, tokens: int):
+    from causal_conv1d import causal_conv1d_fn
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined
+
+    lm = model.model.language_model
+    layer = lm.layers[0]
+    m = layer.mixer
+    c = lm.config
+    d_inner, conv_dim = m.intermediate_size, m.conv_dim
+    hidden = torch.randn(1, tokens, c.hidden_size, device="cuda", dtype=torch.bfloat16)
+    runner = model._decode_graph_runner()
+    cache = runner.cache_for(1)
+    zxbcdt = m.in_proj(hidden)
+    gate, xBC, dt = zxbcdt.split([d_inner, conv_dim, m.num_heads], dim=-1)
+    xBC_t = xBC.transpose(1, 2)
+    conv_out = causal_conv1d_fn(xBC_t, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu").transpose(1, 2)
+    xs, B, C = conv_out.split([d_inner, c.n_groups * c.state_size, c.n_groups * c.state_size], dim=-1)
+    A = -torch.exp(m.A_log.float())
+    y = torch.randn(1, tokens, d_inner, device="cuda", dtype=torch.bfloat16)
+    x4 = xs.reshape(1, tokens, m.num_heads, m.head_dim)
+    B4, C4 = B.reshape(1, tokens, c.n_groups, -1), C.reshape(1, tokens, c.n_groups, -1)
+
+    def lm_prefill():
+        cache.reset()
+        lm(inputs_embeds=hidden, cache_params=cache, use_cache=True)
+
+    def block():
+        cache.layers[0].has_previous_state[0] = False
+        layer(hidden, cache_params=cache)
+
+    rows = [
+        ("LM prefill, 64 layers (transformers' Mamba2Model, fast-path cache)", lm_prefill, 4),
+        ("one Mamba2Block (transformers) with cache", block, 64),
+        ("  Mamba2RMSNorm", lambda: layer.norm(hidden), 64),
+        ("  in_proj", lambda: m.in_proj(hidden), 64),
+        ("  causal_conv1d_fn", lambda: causal_conv1d_fn(xBC_t, m.conv1d.weight.squeeze(1), m.conv1d.bias,
+                                                        activation="silu"), 64),
+        ("  mamba_chunk_scan_combined (final state)", lambda: mamba_chunk_scan_combined(
+            x4, dt, A, B4, C4, m.chunk_size, D=m.D, dt_bias=m.dt_bias, dt_softplus=True,
+            return_final_states=True), 64),
+        ("  MambaRMSNormGated (transformers)", lambda: m.norm(y, gate), 64),
+        ("  out_proj", lambda: m.out_proj(y), 64),
+        ("  mamba_ssm rms_norm_fn (add + norm, Triton)", lambda: rms_norm_fn(
+            hidden, layer.norm.weight, None, residual=hidden, eps=1e-5, prenorm=True, residual_in_fp32=True), 64),
+        ("  mamba_ssm rmsnorm_fn (gated, Triton)", lambda: rmsnorm_fn(
+            y, m.norm.weight, None, z=gate, eps=1e-5, group_size=m.norm.group_size, norm_before_gate=False), 64),
+        ("  mamba_split_conv1d_scan_combined (conv+scan+norm+out_proj)", lambda: mamba_split_conv1d_scan_combined(
+            zxbcdt, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.dt_bias, A, m.D, m.chunk_size,
+            return_final_states=True, rmsnorm_weight=m.norm.weight, rmsnorm_eps=1e-5, outproj_weight=m.out_proj.weight,
+            outproj_bias=None, headdim=m.head_dim, ngroups=m.n_groups, norm_before_gate=False), 64),
+    ]
+    print(f"\n===== prefill pieces, batch 1 × {tokens} tokens (µs per call)")
+    print(f"| piece | host | wall | GPU |\n|---|---:|---:|---:|")
+    with torch.no_grad():
+        for name, fn, n in rows:
+            host, wall = host_and_wall(fn, n)
+            gpu = gpu_us(fn, min(n, 8))
+            print(f"| {name} | {host:.0f} | {wall:.0f} | {gpu:.0f} |", flush=True)
+
+
+def decode_variants(model, batches: list[int], variants: list[str]):
+    from generation import TEXT_TOKENS, Spec, random_image
+
+    spec = Spec("mlmamba", model)
+    pixel_values = spec.preprocess([random_image()]).to("cuda", torch.bfloat16)
+    default_kernels = generation_mlmamba.decode_kernels()
+    torch_conv = (generation_mlmamba._torch_conv_update, default_kernels[1], ("torch", default_kernels[2][1]))
+    print(f"\n===== decode step per graph replay (ms), kernels by default: {default_kernels[2]}")
+    print("| variant | " + " | ".join(f"b{b}" for b in batches) + " | first capture (s) |")
+    print("|---|" + "---:|" * (len(batches) + 1))
+    for variant in variants:
+        generation_mlmamba._KERNELS = torch_conv if "torch-conv" in variant else default_kernels
+        model.config.ssm_state_dtype = "bfloat16" if "bf16" in variant else "float32"
+        config = CompileConfig(mode="max-autotune") if "max-autotune" in variant else CompileConfig()
+        model._decode_graphs = None
+        times, first = [], None
+        for b in batches:
+            inputs = dict(input_ids=spec.input_ids(b, TEXT_TOKENS, "cuda"),
+                          pixel_values=pixel_values.expand(b, -1, -1, -1).contiguous())
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                               cache_implementation="static", compile_config=config)
+            torch.cuda.synchronize()
+            first = first or time.perf_counter() - t
+            graph = model._decode_graphs.graphs[b][0]
+            for _ in range(5):
+                graph.replay()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(50):
+                graph.replay()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1) / 50)
+            model._decode_graphs.release(keep=())
+        print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {first:.0f} |", flush=True)
+    generation_mlmamba._KERNELS = default_kernels
+    model.config.ssm_state_dtype = "float32"
+
+
+def main():
+    args = parse_args()
+    torch._dynamo.config.cache_size_limit = 64
+    print(f"{torch.cuda.get_device_name()}; copy bandwidth {copy_bandwidth('cuda', False) / 1e12:.2f} TB/s")
+    model = build("mlmamba", False, "cuda", torch.bfloat16)
+    parts = args.part.split(",")
+    if "prefill" in parts:
+        prefill_parts(model, args.tokens)
+    if "decode" in parts:
+        decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","))
+
+
+if __name__ == "__main__":
+    main()
