@@ -224,6 +224,79 @@ def allow_deferred_stop_checks() -> bool:
     return True
 
 
+class ShapeGraphs:
+    """CUDA graphs of one tensor function, one per input shape, for work whose host time exceeds its GPU time.
+
+    The prefill of the released model launches ~2,000 kernels through Python (mamba_ssm's chunked scan alone costs
+    ~1.2 ms of host time per call for ~60 µs of GPU work), so eagerly it runs ~8× longer than its kernels. A graph
+    replays them in one launch. Capturing costs about two eager runs (a warm-up for Triton's autotuning, then the
+    capture), so a shape is captured the second time it comes, never for a one-off prompt; at most `limit` shapes
+    are kept (least recently used dropped). All graphs share one memory pool: they never run concurrently.
+
+    `fn(*inputs)` takes and returns tensors. `mutated(*inputs)` lists the tensors it updates in place (the warm-up
+    run's updates are undone); `before(*inputs)` is called before the warm-up and before the capture (to reset
+    Python-side bookkeeping that the warm-up changed). Returns None when the shape was not captured: the caller then runs
+    its eager code."""
+
+    def __init__(self, fn, mutated=None, before=None, limit: int = 4):
+        self.fn, self.mutated, self.before, self.limit = fn, mutated, before, limit
+        self.graphs: dict = {}  # key → (graph, static inputs, static outputs), in least-recently-used order
+        self.seen: dict = {}
+        self.pool = None
+
+    @staticmethod
+    def key(inputs) -> tuple:
+        return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+
+    def __call__(self, *inputs: torch.Tensor):
+        key = self.key(inputs)
+        entry = self.graphs.pop(key, None)
+        if entry is None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] < 2:
+                return None
+            entry = self._capture(inputs)
+            while len(self.graphs) >= self.limit:
+                self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[key] = entry  # most recently used last
+        graph, static_inputs, static_outputs = entry
+        for static, given in zip(static_inputs, inputs):
+            static.copy_(given)
+        graph.replay()
+        # the outputs' memory is overwritten by the next replay: hand out copies
+        return tuple(out.clone() for out in static_outputs)
+
+    def _capture(self, inputs):
+        static_inputs = tuple(t.clone() for t in inputs)
+        mutated = list(self.mutated(*inputs)) if self.mutated is not None else []
+        saved = [t.clone() for t in mutated]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: Triton autotuning, cuBLAS workspaces, lazy initialisation
+            if self.before is not None:
+                self.before(*inputs)
+            self.fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, value in zip(mutated, saved):
+            t.copy_(value)
+        del saved
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        if self.before is not None:
+            self.before(*inputs)
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_outputs = self.fn(*static_inputs)
+        return graph, static_inputs, tuple(static_outputs)
+
+    def drop(self, which) -> None:
+        """Forgets the graphs (and sightings) of the input keys for which `which(key)` is true."""
+        self.graphs = {k: v for k, v in self.graphs.items() if not which(k)}
+        self.seen = {k: v for k, v in self.seen.items() if not which(k)}
+        if not self.graphs:
+            self.pool = None
+
+
 class DecodeGraphRunner:
     """Captures and replays the single-token decode step of an `MLMambaForConditionalGeneration` on CUDA.
 
@@ -232,7 +305,7 @@ class DecodeGraphRunner:
     (the eager kernels are captured as they are: slower, but no compile time).
     """
 
-    def __init__(self, model, output_class, compile_mode: str | None = "default"):
+    def __init__(self, model, output_class, compile_mode: str | None = "default", prefill_graph_limit: int = 4):
         self.model = model
         self.output_class = output_class
         self.compile_mode = compile_mode
@@ -242,6 +315,11 @@ class DecodeGraphRunner:
         self.fullgraph = True  # one graph per layer; set to False when that fails, keeping graph breaks
         self.failed_modes: set[str] = set()  # compile modes that failed here: not tried again
         self._block = None
+        # prefill: the LM's prompt pass and the towers + connector, each captured per input shape (see ShapeGraphs)
+        self.prefill_graphs = ShapeGraphs(
+            self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=prefill_graph_limit
+        )
+        self.image_graphs = ShapeGraphs(lambda pixels: (model.model.get_image_features(pixels),), limit=2)
         allow_deferred_stop_checks()
 
     def set_compile_mode(self, compile_mode: str | None) -> None:
@@ -291,6 +369,48 @@ class DecodeGraphRunner:
         hidden = lm.norm_f(residual + out)
         return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
 
+    # ---- prefill ------------------------------------------------------------------------------------------------
+    def _lm_prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor]:
+        cache = self.caches[inputs_embeds.shape[0]]
+        lm = self.model.model.language_model
+        return (lm(inputs_embeds=inputs_embeds, cache_params=cache, use_cache=True, return_dict=True).last_hidden_state,)
+
+    def _prefill_states(self, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
+        cache = self.caches[inputs_embeds.shape[0]]
+        return [t for layer in cache.layers for t in (layer.conv_states[0], layer.recurrent_states[0])]
+
+    def _mark_empty(self, inputs_embeds: torch.Tensor) -> None:
+        for layer in self.caches[inputs_embeds.shape[0]].layers:
+            layer.has_previous_state[0] = False
+
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor | None:
+        """The LM's prefill into one of this runner's empty caches, replayed from a CUDA graph when this prompt shape
+        was seen before; the LM's last hidden state, or None when the caller should run it eagerly (first sight of
+        the shape, padding in the mask, gradients on)."""
+        if (
+            torch.is_grad_enabled()
+            or inputs_embeds.device.type != "cuda"
+            or inputs_embeds.shape[1] < 2
+            or self.caches.get(inputs_embeds.shape[0]) is not cache
+            or cache.layers[0].has_previous_state[0]
+            or (attention_mask is not None and not bool(attention_mask.all()))
+        ):
+            return None
+        out = self.prefill_graphs(inputs_embeds)
+        if out is None:
+            return None
+        for layer in cache.layers:  # what the eager prefill leaves in the cache's bookkeeping
+            layer.has_previous_state[0] = True
+        return out[0]
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """Towers + connector for a prefill, replayed from a CUDA graph when this pixel shape was seen before; None
+        when the caller should run them eagerly."""
+        if torch.is_grad_enabled() or pixel_values.device.type != "cuda":
+            return None
+        out = self.image_graphs(pixel_values)
+        return None if out is None else out[0]
+
     def release(self, keep: tuple[int, ...] = ()) -> None:
         """Frees the state caches and graphs of every batch size not in `keep` (a batch-64 state in float32 holds
         ~11 GB for the released model); they are allocated and captured again on next use."""
@@ -299,6 +419,8 @@ class DecodeGraphRunner:
             self.graphs.pop(batch_size, None)
         if not self.graphs:
             self.pool = None
+        # prefill graphs write into the states of the cache they were captured with
+        self.prefill_graphs.drop(lambda key: key[0][0][0] not in self.caches)
 
     # ---- the cache --------------------------------------------------------------------------------------------
     @property
@@ -334,6 +456,7 @@ class DecodeGraphRunner:
                 ),
             )
         cache._mlmamba_defer_stop_check = True  # see allow_deferred_stop_checks
+        cache._mlmamba_runner = self  # MLMambaModel.forward finds the prefill graphs through the cache
         return cache
 
     @torch.no_grad()

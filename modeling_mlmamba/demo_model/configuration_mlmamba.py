@@ -27,6 +27,7 @@ AUTO_MAP = {
 SUPPORTED_VISION_MODEL_TYPES = ("dinov2_with_registers", "dinov2", "siglip_vision_model", "clip_vision_model")
 SUPPORTED_TEXT_MODEL_TYPES = ("mamba2", "mamba")
 CONNECTOR_TYPES = ("mlp", "msc_basic", "msc")
+SSM_STATE_DTYPES = ("float32", "bfloat16", "float16")
 SCAN_TYPES = ("bsm", "csm")
 
 # The released model: DINOv2 ViT-L/14 with 4 registers + SigLIP SO400M/14, both at 384 px, their last block unused.
@@ -129,6 +130,11 @@ class MLMambaConfig(PretrainedConfig):
             Shape of the MSC's Mamba-2 mixers. Default: borrowed from a Mamba-2 LM (expand 2, head dim 64,
             state 128, 1 group, conv 4, chunk 256, eps 1e-5).
         image_token_id (`int`, *optional*, defaults to 50277): the `<image>` placeholder id.
+        ssm_state_dtype (`str`, *optional*, defaults to `"float32"`):
+            dtype of the SSM state that the GPU fast path (`generate(..., cache_implementation="static")`) decodes
+            on: `"float32"` (what the prefill hands over; decodes token for token like the plain path) or
+            `"bfloat16"` / `"float16"` (the original code's choice: half the state's bytes per step, which is most
+            of a large batch's traffic; the state is rounded after each token).
     """
 
     model_type = "mlmamba"
@@ -153,6 +159,7 @@ class MLMambaConfig(PretrainedConfig):
         connector_chunk_size: int | None = None,
         connector_layer_norm_epsilon: float = 1e-5,
         image_token_id: int = 50277,
+        ssm_state_dtype: str = "float32",
         tie_word_embeddings: bool | None = None,
         **kwargs,
     ):
@@ -225,6 +232,9 @@ class MLMambaConfig(PretrainedConfig):
                     f"connector_head_dim={self.connector_head_dim}"
                 )
         self.image_token_id = image_token_id
+        if ssm_state_dtype not in SSM_STATE_DTYPES:
+            raise ValueError(f"ssm_state_dtype must be one of {list(SSM_STATE_DTYPES)}, got {ssm_state_dtype!r}")
+        self.ssm_state_dtype = ssm_state_dtype
 
         if tie_word_embeddings is None:
             tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))

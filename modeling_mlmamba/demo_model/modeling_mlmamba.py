@@ -396,12 +396,17 @@ class MLMambaModel(MLMambaPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
 
         image_features = None
+        # the GPU fast path's cache (generation_mlmamba.py) replays prompt shapes it has seen before from CUDA graphs
+        runner = getattr(cache_params, "_mlmamba_runner", None)
         if inputs_embeds is None:
             is_image = input_ids == self.config.image_token_id
             # `<image>` may lie past the embedding table (tokenizers that add it): its embedding is never used.
             inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
             if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values)
+                if runner is not None:
+                    image_features = runner.image_features(pixel_values)
+                if image_features is None:
+                    image_features = self.get_image_features(pixel_values)
                 mask = self.get_placeholder_mask(input_ids, image_features)
                 inputs_embeds = inputs_embeds.masked_scatter(
                     mask.unsqueeze(-1).to(inputs_embeds.device),
@@ -415,6 +420,15 @@ class MLMambaModel(MLMambaPreTrainedModel):
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the <image> positions), not inputs_embeds")
 
+        if runner is not None and not output_hidden_states:
+            last_hidden_state = runner.prefill(inputs_embeds, attention_mask, cache_params)
+            if last_hidden_state is not None:
+                use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
+                return MLMambaModelOutput(
+                    last_hidden_state=last_hidden_state,
+                    cache_params=cache_params if use_cache else None,
+                    image_hidden_states=image_features,
+                )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
