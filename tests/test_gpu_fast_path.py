@@ -111,10 +111,12 @@ def test_fast_path_stops_at_eos_like_the_plain_path(monkeypatch):
 
 
 @torch.no_grad()
-def test_bfloat16_state_fast_path_follows_a_float32_state_rounded_after_every_token():
+def test_bfloat16_state_fast_path_steps_like_a_float32_state_rounded_to_bfloat16():
     """config.ssm_state_dtype="bfloat16" (the original code's state dtype) on the GPU, through the captured and
-    compiled step with mamba_ssm's kernel: each token's logits match transformers' eager step on a float32 state
-    that is rounded to bf16 after the prefill and after every token, and the greedy tokens are the same."""
+    compiled step with mamba_ssm's kernel. Reference, for each of 16 tokens: transformers' eager step from the fast
+    path's current states held in float32, its new SSM state rounded to bf16. Logits agree, and the states agree to
+    one bf16 rounding step (the two paths' float32 values differ in the last bits before rounding, which can round
+    the other way; over many tokens such flips are why the paths are compared step by step, not end to end)."""
     from modeling_mlmamba.generation_mlmamba import DecodeGraphRunner
     from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
 
@@ -126,20 +128,18 @@ def test_bfloat16_state_fast_path_follows_a_float32_state_rounded_after_every_to
     runner = model._decode_graphs
     cache = runner.cache_for(2)
     assert cache.layers[0].recurrent_states[0].dtype == torch.bfloat16
-
-    def round_reference():
-        for layer in reference_cache.layers:
-            layer.recurrent_states[0].copy_(layer.recurrent_states[0].bfloat16().float())
-
-    model(**inputs, cache_params=cache, use_cache=True)
-    next_ids = model(**inputs, cache_params=reference_cache, use_cache=True).logits[:, -1:].argmax(-1)
-    round_reference()
+    next_ids = model(**inputs, cache_params=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    model(**inputs, cache_params=reference_cache, use_cache=True)
     for step in range(16):
+        for mine, theirs in zip(cache.layers, reference_cache.layers):
+            theirs.conv_states[0].copy_(mine.conv_states[0])
+            theirs.recurrent_states[0].copy_(mine.recurrent_states[0].float())
         reference = model(input_ids=next_ids, cache_params=reference_cache, use_cache=True).logits.float()
-        round_reference()
         fast = runner(input_ids=next_ids, cache_params=cache).logits
-        torch.testing.assert_close(fast, reference, atol=2e-4, rtol=1e-3, msg=f"logits differ at step {step}")
-        assert torch.equal(fast.argmax(-1), reference.argmax(-1)), f"greedy token differs at step {step}"
+        torch.testing.assert_close(fast, reference, atol=1e-4, rtol=1e-4, msg=f"logits differ at step {step}")
+        for layer, (mine, theirs) in enumerate(zip(cache.layers, reference_cache.layers)):
+            torch.testing.assert_close(mine.recurrent_states[0].float(), theirs.recurrent_states[0].bfloat16().float(),
+                                       atol=1e-6, rtol=2**-7, msg=f"SSM state, layer {layer}, step {step}")
         next_ids = reference.argmax(-1)
 
 
