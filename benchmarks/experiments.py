@@ -4,6 +4,7 @@
   --part prefill   host time per call of each piece of one LM layer's prefill (transformers' Mamba-2 block,
                    its in_proj / conv / chunked scan / gated norm / out_proj, mamba_ssm's fused alternatives), and
                    the whole LM prefill with the fast path's cache: where the prefill's host time goes.
+  --part kernels   the kernels of one compiled decode step at batch 1, by GPU time.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
                    SSM state in float32 or bfloat16, causal_conv1d's kernel or inductor's code for the conv update,
                    inductor's default or max-autotune mode.
@@ -168,6 +169,30 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     model.config.ssm_state_dtype = "float32"
 
 
+def step_kernels(model, batch: int = 1):
+    """The kernels of one compiled decode step (run without the graph, profiled), by GPU time."""
+    from generation import TEXT_TOKENS, Spec, random_image
+    from torch.profiler import ProfilerActivity, profile
+
+    spec = Spec("mlmamba", model)
+    pixel_values = spec.preprocess([random_image()]).to("cuda", torch.bfloat16)
+    inputs = dict(input_ids=spec.input_ids(batch, TEXT_TOKENS, "cuda"),
+                  pixel_values=pixel_values.expand(batch, -1, -1, -1).contiguous())
+    model._decode_graphs = None
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       cache_implementation="static")
+        runner = model._decode_graphs
+        _, static_ids, _, cache = runner.graphs[batch]
+        runner._step(static_ids, cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner._step(static_ids, cache)
+            torch.cuda.synchronize()
+    print(f"\n===== kernels of one compiled decode step, batch {batch} (64 layers)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+
+
 def main():
     args = parse_args()
     torch._dynamo.config.cache_size_limit = 64
@@ -176,6 +201,8 @@ def main():
     parts = args.part.split(",")
     if "prefill" in parts:
         prefill_parts(model, args.tokens)
+    if "kernels" in parts:
+        step_kernels(model)
     if "decode" in parts:
         decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","))
 
