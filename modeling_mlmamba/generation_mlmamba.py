@@ -52,8 +52,11 @@ def _torch_conv_update(x, conv_state, weight, bias, activation):
 
 
 def _torch_state_update(state, x, dt, A, B, C, D, dt_bias):
+    """One token of the SSM recurrence (softplus on dt, no gate); dt: (batch, heads), A, D, dt_bias: (heads,)."""
+    head_dim, state_size = x.shape[-1], state.shape[-1]
     return modeling_mamba2.mamba2_selective_state_update(
-        state, x, dt, A, B, C, D, z=None, dt_bias=dt_bias, dt_softplus=True
+        state, x, dt[..., None].expand(-1, -1, head_dim), A[:, None, None].expand(-1, head_dim, state_size), B, C,
+        D[:, None].expand(-1, head_dim), z=None, dt_bias=dt_bias[:, None].expand(-1, head_dim), dt_softplus=True,
     )
 
 
@@ -83,8 +86,9 @@ def decode_kernels() -> tuple:
 
 def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
     """Registers `{namespace}::conv_state_update` (around causal_conv1d_update's signature) and
-    `{namespace}::ssm_state_update` (around mamba_ssm's selective_state_update, softplus on dt, no gate) as custom
-    ops that mutate their state argument, each once per process; a kernel given as None is skipped."""
+    `{namespace}::ssm_state_update` (around mamba_ssm's selective_state_update, softplus on dt, no gate, per-head
+    arguments unexpanded: dt (batch, heads), A, D, dt_bias (heads,)) as custom ops that mutate their state argument,
+    each once per process; a kernel given as None is skipped."""
     ops = getattr(torch.ops, namespace)
     if conv_kernel is not None and not hasattr(ops, "conv_state_update"):
 
@@ -106,7 +110,15 @@ def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
             state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
         ) -> torch.Tensor:
-            return state_kernel(state, x, dt, A, B, C, D, z=None, dt_bias=dt_bias, dt_softplus=True)
+            # per-head dt (batch, heads) and A, D, dt_bias (heads,) broadcast here as zero-stride views (the layout
+            # the kernel reads): passed expanded, torch.compile would materialise A as a (heads, head_dim, state)
+            # copy in front of the op every step
+            head_dim, state_size = x.shape[-1], state.shape[-1]
+            return state_kernel(
+                state, x, dt[..., None].expand(-1, -1, head_dim), A[:, None, None].expand(-1, head_dim, state_size),
+                B, C, D[:, None].expand(-1, head_dim), z=None, dt_bias=dt_bias[:, None].expand(-1, head_dim),
+                dt_softplus=True,
+            )
 
         @ssm_state_update.register_fake
         def _(state, x, dt, A, B, C, D, dt_bias):
@@ -175,12 +187,12 @@ def make_block_step(language_model, kernels: tuple | None = None):
         y = state_update(
             ssm_state,
             xs.view(batch, s.heads, s.head_dim),
-            dt.transpose(1, 2).expand(-1, -1, s.head_dim),
-            A[:, None, None].expand(-1, s.head_dim, s.state),
+            dt.view(batch, s.heads),
+            A,
             B.view(batch, s.groups, s.state),
             C.view(batch, s.groups, s.state),
-            D[:, None].expand(-1, s.head_dim),
-            dt_bias[:, None].expand(-1, s.head_dim),
+            D,
+            dt_bias,
         ).view(batch, 1, -1)
         # MambaRMSNormGated (gate before the norm)
         yf = y.float() * F.silu(gate.float())
