@@ -19,8 +19,11 @@ How it plugs into transformers' `generate()` (no loop of our own):
   - Because that cache is compileable, `generate()` runs every decode step through `model.get_compiled_call()`;
     our model returns a `DecodeGraphRunner` there, which replays the captured graph for single-token steps and
     falls back to the plain forward for anything else.
-Prefill is not captured: it runs eagerly through the same kernels as the rest of the model (mamba_ssm's chunked
-scan and causal_conv1d when installed: linear memory in the sequence length).
+Prefill runs through the same kernels as the rest of the model (mamba_ssm's chunked scan and causal_conv1d when
+installed: linear memory in the sequence length). Eagerly it is host-bound, so a prompt shape seen a second time is
+captured and then replayed from CUDA graphs (`ShapeGraphs`: towers + connector, and the LM's prefill into the cache).
+
+`config.ssm_state_dtype` sets the dtype of the decode state (float32 by default; bfloat16 as the original code).
 
 Nothing here runs on CPU by default: without CUDA, `generate()` takes transformers' ordinary path (the step function
 itself runs anywhere and is tested on CPU against transformers' Mamba-2).
