@@ -164,3 +164,41 @@ def test_ssm_state_dtype_is_checked():
 
     with pytest.raises(ValueError, match="ssm_state_dtype must be one of .*'float64'"):
         MLMambaConfig(ssm_state_dtype="float64")
+
+
+def test_shape_graphs_capture_a_shape_at_its_second_sight_and_keep_the_most_recent():
+    """ShapeGraphs' bookkeeping (the capture itself needs CUDA and is tested in test_gpu_fast_path.py): a shape's
+    first call returns None (the caller runs eagerly), its second captures and replays, later ones replay; at most
+    `limit` shapes are kept, the least recently used dropped; `drop` forgets a shape and its sightings; the replay
+    hands out copies of the outputs, with the given inputs copied in."""
+    from modeling_mlmamba.generation_mlmamba import ShapeGraphs
+
+    class Replay:  # stands for a captured graph: re-runs the function on the static inputs into the static outputs
+        def __init__(self, fn, static_inputs, static_outputs):
+            self.fn, self.static_inputs, self.static_outputs = fn, static_inputs, static_outputs
+
+        def replay(self):
+            for out, value in zip(self.static_outputs, self.fn(*self.static_inputs)):
+                out.copy_(value)
+
+    captured = []
+
+    class Fake(ShapeGraphs):
+        def _capture(self, inputs):
+            static_inputs = tuple(t.clone() for t in inputs)
+            static_outputs = tuple(self.fn(*static_inputs))
+            captured.append(tuple(inputs[0].shape))
+            return Replay(self.fn, static_inputs, static_outputs), static_inputs, static_outputs
+
+    graphs = Fake(lambda x: (x * 2,), limit=2)
+    a, b, c = torch.ones(2, 3), torch.ones(4, 3), torch.ones(5, 3)
+    assert graphs(a) is None and captured == []
+    out = graphs(a + 1)
+    assert captured == [(2, 3)] and torch.equal(out[0], (a + 1) * 2)
+    again = graphs(a + 2)
+    assert captured == [(2, 3)] and torch.equal(again[0], (a + 2) * 2) and torch.equal(out[0], (a + 1) * 2)
+    for x in (b, b, c, c):  # b and c captured: a (least recently used) is dropped
+        graphs(x)
+    assert list(graphs.graphs) == [ShapeGraphs.key((b,)), ShapeGraphs.key((c,))]
+    graphs.drop(lambda key: key[0][0][0] == 4)
+    assert list(graphs.graphs) == [ShapeGraphs.key((c,))] and graphs(b) is None  # b's sightings are forgotten too
