@@ -4,6 +4,7 @@
   --part prefill   host time per call of each piece of one LM layer's prefill (transformers' Mamba-2 block,
                    its in_proj / conv / chunked scan / gated norm / out_proj, mamba_ssm's fused alternatives), and
                    the whole LM prefill with the fast path's cache: where the prefill's host time goes.
+  --part gemv      batch-1 matrix-vector products: cuBLAS against the Triton kernel of the decode step.
   --part kernels   the kernels of one compiled decode step at batch 1, by GPU time.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
                    SSM state in float32 or bfloat16, causal_conv1d's kernel or inductor's code for the conv update,
@@ -36,7 +37,8 @@ def parse_args():
     p.add_argument("--part", default="prefill,decode")
     p.add_argument("--tokens", type=int, default=800, help="prefill length")
     p.add_argument("--batches", default="1,8,64", help="decode batch sizes")
-    p.add_argument("--variants", default="fp32,bf16,bf16-torch-conv,bf16-max-autotune")
+    p.add_argument("--variants", default="fp32-cublas,fp32,bf16",
+                   help="comma-separated: fp32 / bf16 state, with -cublas (no Triton GEMV), -torch-conv, -max-autotune")
     return p.parse_args()
 
 
@@ -138,8 +140,10 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     print(f"\n===== decode step per graph replay (ms), kernels by default: {default_kernels[2]}")
     print("| variant | " + " | ".join(f"b{b}" for b in batches) + " | first capture (s) |")
     print("|---|" + "---:|" * (len(batches) + 1))
+    gemv = generation_mlmamba.decode_gemv()
     for variant in variants:
         generation_mlmamba._KERNELS = torch_conv if "torch-conv" in variant else default_kernels
+        generation_mlmamba._GEMV[:] = [None if "cublas" in variant else gemv]
         model.config.ssm_state_dtype = "bfloat16" if "bf16" in variant else "float32"
         config = CompileConfig(mode="max-autotune") if "max-autotune" in variant else CompileConfig()
         model._decode_graphs = None
@@ -166,6 +170,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
             model._decode_graphs.release(keep=())
         print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {first:.0f} |", flush=True)
     generation_mlmamba._KERNELS = default_kernels
+    generation_mlmamba._GEMV[:] = [gemv]
     model.config.ssm_state_dtype = "float32"
 
 
@@ -193,6 +198,41 @@ def step_kernels(model, batch: int = 1):
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
 
 
+def gemv_bench(model):
+    """The layer's two matrix-vector products at batch 1: cuBLAS (F.linear) against the Triton kernel (decode_gemv),
+    64 calls captured in a CUDA graph (as in the step), µs per call and TB/s of weights read."""
+    gemv = generation_mlmamba.decode_gemv()
+    m = model.model.language_model.layers[0].mixer
+    print(f"\n===== batch-1 matrix-vector products (µs per call, weight bytes / time)")
+    print("| product | cuBLAS | Triton | max |Δ| / max |ref| |\n|---|---:|---:|---:|")
+    for name, weight, width in [("in_proj", m.in_proj.weight, m.in_proj.in_features),
+                                ("out_proj", m.out_proj.weight, m.out_proj.in_features)]:
+        weights = [weight.clone() for _ in range(16)]  # 16 distinct copies: no L2 reuse between calls
+        x = torch.randn(1, 1, width, device="cuda", dtype=weight.dtype)
+        reference = (x.double() @ weights[0].double().T).float()
+        err = ((gemv(x, weights[0], None).float() - reference).abs().max() / reference.abs().max()).item()
+        row = []
+        for fn in (lambda w: torch.nn.functional.linear(x, w), lambda w: gemv(x, w, None)):
+            for w in weights:
+                fn(w)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(4):
+                    for w in weights:
+                        fn(w)
+            graph.replay()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(10):
+                graph.replay()
+            e1.record()
+            e1.synchronize()
+            us = 1e3 * e0.elapsed_time(e1) / (10 * 64)
+            row.append(f"{us:.1f} ({weight.numel() * weight.element_size() / us / 1e6:.2f} TB/s)")
+        print(f"| {name} {tuple(weight.shape)} | {row[0]} | {row[1]} | {err:.1e} |", flush=True)
+
+
 def main():
     args = parse_args()
     torch._dynamo.config.cache_size_limit = 64
@@ -201,6 +241,8 @@ def main():
     parts = args.part.split(",")
     if "prefill" in parts:
         prefill_parts(model, args.tokens)
+    if "gemv" in parts:
+        gemv_bench(model)
     if "kernels" in parts:
         step_kernels(model)
     if "decode" in parts:

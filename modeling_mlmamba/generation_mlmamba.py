@@ -130,6 +130,86 @@ def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
     return ops
 
 
+# ---- batch-1 matrix-vector products ------------------------------------------------------------------------------
+# At batch 1 the step is two matrix-vector products per layer (in_proj: 54 MB of weights, out_proj: 26 MB for the
+# released model), and their speed is the step's speed. cuBLAS reaches ~2.46 TB/s on in_proj and splits out_proj
+# over K (a second, reduction kernel). This Triton kernel streams each weight row block once, accumulating in float32
+# (what cuBLAS does for bf16), one program per block of output rows. Used when `decode_gemv()` finds Triton on CUDA.
+_GEMV: list = []  # [op or None], resolved on first use
+
+
+def _gemv_kernel():
+    import triton
+    import triton.language as tl
+
+    configs = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for n, k, w, st in [
+            (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 4),
+            (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 2),
+        ]
+    ]
+
+    @triton.autotune(configs=configs, key=["N", "K"])
+    @triton.jit
+    def gemv(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_mask = cols < K
+            x = tl.load(x_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0, eviction_policy="evict_first").to(tl.float32)
+            acc += w * x[None, :]
+        out = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    return triton, gemv
+
+
+def decode_gemv(namespace: str = "mlmamba"):
+    """`{namespace}::gemv(x, weight, bias)`: `F.linear` for one input row (x: (..., K) with one row in all), as a
+    custom op around the Triton kernel above; None without Triton or CUDA, or when MLMAMBA_TRITON_GEMV=0."""
+    import os
+
+    if _GEMV:
+        return _GEMV[0]
+    op = None
+    if os.environ.get("MLMAMBA_TRITON_GEMV", "1") != "0" and torch.cuda.is_available():
+        try:
+            triton, kernel = _gemv_kernel()
+        except Exception:  # no Triton, or one that cannot build this kernel
+            kernel = None
+        if kernel is not None:
+            ops = getattr(torch.ops, namespace)
+            if not hasattr(ops, "gemv"):
+
+                @torch.library.custom_op(f"{namespace}::gemv", mutates_args=())
+                def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                    n, k = weight.shape
+                    out = x.new_empty(*x.shape[:-1], n)
+                    if x.numel() != k or weight.stride(1) != 1:
+                        return F.linear(x, weight, bias)
+                    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+                        x.contiguous(), weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+                        HAS_BIAS=bias is not None,
+                    )
+                    return out
+
+                @gemv.register_fake
+                def _(x, weight, bias):
+                    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+            op = ops.gemv
+    _GEMV.append(op)
+    return op
+
+
 @dataclass(frozen=True)
 class _BlockShape:
     intermediate: int
@@ -145,7 +225,7 @@ class _BlockShape:
     gated_eps: float
 
 
-def make_block_step(language_model, kernels: tuple | None = None):
+def make_block_step(language_model, kernels: tuple | None = None, gemv_enabled: bool = True):
     """One `Mamba2Block` of `language_model` (a transformers `Mamba2Model`) on one token, states updated in place.
 
     The same arithmetic as `Mamba2Block.forward` + `Mamba2Mixer.forward`'s single-token branch (transformers 5.x),
@@ -171,6 +251,12 @@ def make_block_step(language_model, kernels: tuple | None = None):
     conv_update, state_update, _ = decode_kernels() if kernels is None else kernels
     s = shape
 
+    def linear(x, weight, bias):
+        # one row (batch 1, one token): the Triton matrix-vector kernel when there is one; the trace is specialised
+        # per batch size, so this choice is made once per compiled graph
+        gemv = decode_gemv() if (gemv_enabled and x.shape[0] == 1 and x.is_cuda) else None
+        return gemv(x, weight, bias) if gemv is not None else F.linear(x, weight, bias)
+
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
                    gated_w, out_w, out_b):
         hidden = residual + out  # the previous block's output (Mamba2Block: residual + mixer output)
@@ -182,7 +268,7 @@ def make_block_step(language_model, kernels: tuple | None = None):
         x = norm_w * xf.to(x.dtype)
         batch = x.shape[0]
         # Mamba2Mixer, one token against the cached conv and SSM states
-        projected = F.linear(x, in_w, in_b)
+        projected = linear(x, in_w, in_b)
         gate, xBC, dt = projected.split([s.intermediate, s.conv_dim, s.heads], dim=-1)
         xBC = conv_update(xBC.transpose(1, 2), conv_state, conv_w.squeeze(1), conv_b, s.activation).transpose(1, 2)
         xs, B, C = xBC.split([s.intermediate, s.groups * s.state, s.groups * s.state], dim=-1)
@@ -202,7 +288,7 @@ def make_block_step(language_model, kernels: tuple | None = None):
         yg = yf.view(batch, 1, -1, s.group_size)
         yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + s.gated_eps)
         y = gated_w * yg.view(batch, 1, -1).to(y.dtype)
-        return residual, F.linear(y.to(x.dtype), out_w, out_b)
+        return residual, linear(y.to(x.dtype), out_w, out_b)
 
     return block_step
 

@@ -168,3 +168,24 @@ def test_prefill_replayed_from_a_graph_equals_the_eager_prefill():
     reference = greedy(model, inputs)
     for _ in range(2):
         assert torch.equal(greedy(model, inputs, cache_implementation="static"), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,bias", [(10576, 2560, False), (2560, 5120, False), (1000, 300, True), (37, 1030, True)])
+def test_triton_gemv_matches_a_float64_product(dtype, n, k, bias):
+    """The decode step's batch-1 matrix-vector kernel (released in_proj / out_proj shapes, and sizes that are not
+    multiples of its blocks) against the product in float64, within the output dtype's rounding."""
+    from modeling_mlmamba.generation_mlmamba import decode_gemv
+
+    gemv = decode_gemv()
+    if gemv is None:
+        pytest.skip("no Triton here")
+    generator = torch.Generator(device="cuda").manual_seed(n + k)
+    x = torch.randn(1, 1, k, device="cuda", dtype=dtype, generator=generator)
+    weight = torch.randn(n, k, device="cuda", dtype=dtype, generator=generator) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=dtype, generator=generator) if bias else None
+    reference = x.double() @ weight.double().T + (b.double() if bias else 0)
+    out = gemv(x, weight, b)
+    assert out.shape == (1, 1, n) and out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), reference, atol=4 * eps * float(reference.abs().max()), rtol=2 * eps)
