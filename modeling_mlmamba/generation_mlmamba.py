@@ -192,9 +192,9 @@ def decode_gemv(namespace: str = "mlmamba"):
                 @torch.library.custom_op(f"{namespace}::gemv", mutates_args=())
                 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
                     n, k = weight.shape
-                    out = x.new_empty(*x.shape[:-1], n)
-                    if x.numel() != k or weight.stride(1) != 1:
+                    if x.numel() != k or weight.stride(1) != 1:  # not one row, or a weight view it cannot stream
                         return F.linear(x, weight, bias)
+                    out = x.new_empty(*x.shape[:-1], n)
                     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
                         x.contiguous(), weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
                         HAS_BIAS=bias is not None,
@@ -225,7 +225,7 @@ class _BlockShape:
     gated_eps: float
 
 
-def make_block_step(language_model, kernels: tuple | None = None, gemv_enabled: bool = True):
+def make_block_step(language_model, kernels: tuple | None = None):
     """One `Mamba2Block` of `language_model` (a transformers `Mamba2Model`) on one token, states updated in place.
 
     The same arithmetic as `Mamba2Block.forward` + `Mamba2Mixer.forward`'s single-token branch (transformers 5.x),
@@ -254,7 +254,7 @@ def make_block_step(language_model, kernels: tuple | None = None, gemv_enabled: 
     def linear(x, weight, bias):
         # one row (batch 1, one token): the Triton matrix-vector kernel when there is one; the trace is specialised
         # per batch size, so this choice is made once per compiled graph
-        gemv = decode_gemv() if (gemv_enabled and x.shape[0] == 1 and x.is_cuda) else None
+        gemv = decode_gemv() if (x.shape[0] == 1 and x.is_cuda) else None
         return gemv(x, weight, bias) if gemv is not None else F.linear(x, weight, bias)
 
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
