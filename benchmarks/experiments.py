@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from generation import build, copy_bandwidth  # noqa: E402
+from generation import build, copy_bandwidth, replay_ms  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
 from modeling_mlmamba import generation_mlmamba  # noqa: E402
@@ -157,16 +157,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
                                cache_implementation="static", compile_config=config)
             torch.cuda.synchronize()
             first = first or time.perf_counter() - t
-            graph = model._decode_graphs.graphs[b][0]
-            for _ in range(5):
-                graph.replay()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(50):
-                graph.replay()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1) / 50)
+            times.append(replay_ms(model._decode_graphs.graphs[b][0]))
             model._decode_graphs.release(keep=())
         print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {first:.0f} |", flush=True)
     generation_mlmamba._KERNELS = default_kernels
@@ -221,14 +212,7 @@ def gemv_bench(model):
                 for _ in range(4):
                     for w in weights:
                         fn(w)
-            graph.replay()
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(10):
-                graph.replay()
-            e1.record()
-            e1.synchronize()
-            us = 1e3 * e0.elapsed_time(e1) / (10 * 64)
+            us = 1e3 * replay_ms(graph, n=10, warmup=1) / 64
             row.append(f"{us:.1f} ({weight.numel() * weight.element_size() / us / 1e6:.2f} TB/s)")
         print(f"| {name} {tuple(weight.shape)} | {row[0]} | {row[1]} | {err:.1e} |", flush=True)
 

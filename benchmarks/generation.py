@@ -230,16 +230,20 @@ def graph_replay_ms(model, batch: int) -> float | None:
     runner = getattr(model, "_decode_graphs", None)
     if runner is None or batch not in runner.graphs:
         return None
-    graph = runner.graphs[batch][0]
-    for _ in range(5):
+    return replay_ms(runner.graphs[batch][0])
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, n: int = 50, warmup: int = 5) -> float:
+    """Milliseconds per replay of a CUDA graph, replayed back to back (CUDA events around n replays)."""
+    for _ in range(warmup):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(50):
+    for _ in range(n):
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / 50
+    return start.elapsed_time(end) / n
 
 
 def decode_bytes(name: str, model, context: int) -> dict:
