@@ -343,6 +343,7 @@ class ShapeGraphs:
         self.fn, self.mutated, self.before, self.limit = fn, mutated, before, limit
         self.graphs: dict = {}  # key → (graph, static inputs, static outputs), in least-recently-used order
         self.seen: dict = {}
+        self.failed: set = set()
         self.pool = None
 
     @staticmethod
@@ -354,9 +355,15 @@ class ShapeGraphs:
         entry = self.graphs.pop(key, None)
         if entry is None:
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] < 2:
+            if self.seen[key] < 2 or key in self.failed:  # first sight, or a shape whose capture failed
                 return None
-            entry = self._capture(inputs)
+            try:
+                entry = self._capture(inputs)
+            except Exception as error:  # e.g. an op that synchronises with the host: this shape stays eager
+                logger.warning_once(f"Capturing a CUDA graph for input shapes {key} failed "
+                                    f"({type(error).__name__}: {error}); running it eagerly")
+                self.failed.add(key)
+                return None
             while len(self.graphs) >= self.limit:
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = entry  # most recently used last

@@ -202,3 +202,13 @@ def test_shape_graphs_capture_a_shape_at_its_second_sight_and_keep_the_most_rece
     assert list(graphs.graphs) == [ShapeGraphs.key((b,)), ShapeGraphs.key((c,))]
     graphs.drop(lambda key: key[0][0][0] == 4)
     assert list(graphs.graphs) == [ShapeGraphs.key((c,))] and graphs(b) is None  # b's sightings are forgotten too
+    for x in (a, a):  # a was dropped by the limit: seen again, it is captured again
+        graphs(x)
+    assert captured[-1] == (2, 3) and ShapeGraphs.key((a,)) in graphs.graphs
+
+    class Failing(ShapeGraphs):  # a capture that fails (e.g. a host synchronisation inside fn) leaves the shape eager
+        def _capture(self, inputs):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    failing = Failing(lambda x: (x,))
+    assert [failing(a), failing(a), failing(a)] == [None, None, None] and failing.failed == {ShapeGraphs.key((a,))}
