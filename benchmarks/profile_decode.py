@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from generation import PREFILL_TOKENS, TEXT_TOKENS, Spec, build, generate, random_image  # noqa: E402
+from generation import replay_ms as time_replays  # noqa: E402
 from transformers import CompileConfig  # noqa: E402
 
 
@@ -65,16 +66,7 @@ def main():
             print(f"\n===== decode step, {mode}: capture in {time.perf_counter() - start:.1f} s")
             runner = model._decode_graphs
             graph, static_ids, _, cache = runner.graphs[b]
-            for _ in range(10):
-                graph.replay()
-            n = 200
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(n):
-                graph.replay()
-            e1.record()
-            e1.synchronize()
-            replay_ms = e0.elapsed_time(e1) / n
+            replay_ms = time_replays(graph, n=200, warmup=10)
             tn = time.perf_counter()
             generate(model, inputs, args.tokens, compile_config=config)
             torch.cuda.synchronize()

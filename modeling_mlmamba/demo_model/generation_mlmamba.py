@@ -54,12 +54,20 @@ def _torch_conv_update(x, conv_state, weight, bias, activation):
     return modeling_mamba2.causal_conv1d_update(x, conv_state, weight, bias, activation=activation)
 
 
+def _per_head(state, x, dt, A, D, dt_bias) -> dict:
+    """dt (batch, heads) and A, D, dt_bias (heads,) broadcast over head_dim (A also over the state) as zero-stride
+    views: the layout mamba_ssm's selective_state_update reads (and transformers' Mamba-2 passes)."""
+    head_dim, state_size = x.shape[-1], state.shape[-1]
+    return dict(
+        dt=dt[..., None].expand(-1, -1, head_dim), A=A[:, None, None].expand(-1, head_dim, state_size),
+        D=D[:, None].expand(-1, head_dim), dt_bias=dt_bias[:, None].expand(-1, head_dim),
+    )
+
+
 def _torch_state_update(state, x, dt, A, B, C, D, dt_bias):
     """One token of the SSM recurrence (softplus on dt, no gate); dt: (batch, heads), A, D, dt_bias: (heads,)."""
-    head_dim, state_size = x.shape[-1], state.shape[-1]
     return modeling_mamba2.mamba2_selective_state_update(
-        state, x, dt[..., None].expand(-1, -1, head_dim), A[:, None, None].expand(-1, head_dim, state_size), B, C,
-        D[:, None].expand(-1, head_dim), z=None, dt_bias=dt_bias[:, None].expand(-1, head_dim), dt_softplus=True,
+        state, x, B=B, C=C, z=None, dt_softplus=True, **_per_head(state, x, dt, A, D, dt_bias)
     )
 
 
@@ -113,15 +121,9 @@ def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
             state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
             C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
         ) -> torch.Tensor:
-            # per-head dt (batch, heads) and A, D, dt_bias (heads,) broadcast here as zero-stride views (the layout
-            # the kernel reads): passed expanded, torch.compile would materialise A as a (heads, head_dim, state)
-            # copy in front of the op every step
-            head_dim, state_size = x.shape[-1], state.shape[-1]
-            return state_kernel(
-                state, x, dt[..., None].expand(-1, -1, head_dim), A[:, None, None].expand(-1, head_dim, state_size),
-                B, C, D[:, None].expand(-1, head_dim), z=None, dt_bias=dt_bias[:, None].expand(-1, head_dim),
-                dt_softplus=True,
-            )
+            # the per-head arguments are broadcast here, inside the op: passed expanded, torch.compile would
+            # materialise A as a (heads, head_dim, state) copy in front of the op every step
+            return state_kernel(state, x, B=B, C=C, z=None, dt_softplus=True, **_per_head(state, x, dt, A, D, dt_bias))
 
         @ssm_state_update.register_fake
         def _(state, x, dt, A, B, C, D, dt_bias):
@@ -413,7 +415,7 @@ class DecodeGraphRunner:
     (the eager kernels are captured as they are: slower, but no compile time).
     """
 
-    def __init__(self, model, output_class, compile_mode: str | None = "default", prefill_graph_limit: int = 4):
+    def __init__(self, model, output_class, compile_mode: str | None = "default"):
         self.model = model
         self.output_class = output_class
         self.compile_mode = compile_mode
@@ -425,7 +427,7 @@ class DecodeGraphRunner:
         self._block = None
         # prefill: the LM's prompt pass and the towers + connector, each captured per input shape (see ShapeGraphs)
         self.prefill_graphs = ShapeGraphs(
-            self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=prefill_graph_limit
+            self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=4
         )
         self.image_graphs = ShapeGraphs(lambda pixels: (model.model.get_image_features(pixels),), limit=2)
         allow_deferred_stop_checks()
