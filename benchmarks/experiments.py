@@ -7,8 +7,9 @@
   --part gemv      batch-1 matrix-vector products: cuBLAS against the Triton kernel of the decode step.
   --part kernels   the kernels of one compiled decode step at batch 1, by GPU time.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
-                   SSM state in float32 or bfloat16, causal_conv1d's kernel or inductor's code for the conv update,
-                   inductor's default or max-autotune mode.
+                   SSM state in float32 or bfloat16, batch 1 as three fused Triton kernels per layer or as the
+                   compiled layer, causal_conv1d's kernel or inductor's code for the conv update, inductor's default
+                   or max-autotune mode.
 
   python benchmarks/experiments.py --part prefill,decode [--tokens 800] [--batches 1,8,64]
 """
@@ -16,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,8 +39,9 @@ def parse_args():
     p.add_argument("--part", default="prefill,decode")
     p.add_argument("--tokens", type=int, default=800, help="prefill length")
     p.add_argument("--batches", default="1,8,64", help="decode batch sizes")
-    p.add_argument("--variants", default="fp32-cublas,fp32,bf16",
-                   help="comma-separated: fp32 / bf16 state, with -cublas (no Triton GEMV), -torch-conv, -max-autotune")
+    p.add_argument("--variants", default="fp32-unfused,fp32,bf16",
+                   help="comma-separated: fp32 / bf16 state, with -unfused (batch 1 runs the compiled layer, not the "
+                        "three fused kernels), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
     return p.parse_args()
 
 
@@ -144,6 +147,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     for variant in variants:
         generation_mlmamba._KERNELS = torch_conv if "torch-conv" in variant else default_kernels
         generation_mlmamba._GEMV[:] = [None if "cublas" in variant else gemv]
+        os.environ["MLMAMBA_FUSED_DECODE"] = "0" if "unfused" in variant else "1"  # read by each new runner
         model.config.ssm_state_dtype = "bfloat16" if "bf16" in variant else "float32"
         config = CompileConfig(mode="max-autotune") if "max-autotune" in variant else CompileConfig()
         model._decode_graphs = None
@@ -162,6 +166,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
         print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {first:.0f} |", flush=True)
     generation_mlmamba._KERNELS = default_kernels
     generation_mlmamba._GEMV[:] = [gemv]
+    os.environ.pop("MLMAMBA_FUSED_DECODE", None)
     model.config.ssm_state_dtype = "float32"
 
 
@@ -185,7 +190,7 @@ def step_kernels(model, batch: int = 1):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner._step(static_ids, cache)
             torch.cuda.synchronize()
-    print(f"\n===== kernels of one compiled decode step, batch {batch} (64 layers)")
+    print(f"\n===== kernels of one decode step, batch {batch} (64 layers)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
 
 

@@ -73,6 +73,26 @@ def test_fast_path_greedy_output_equals_the_plain_path(batch_size, compiled):
 
 
 @torch.no_grad()
+def test_batch_one_fused_and_compiled_layers_decode_the_same(monkeypatch):
+    """At batch 1 the step runs each layer as three fused Triton kernels (when Triton is there); with
+    MLMAMBA_FUSED_DECODE=0 it runs the compiled layer. Both decode what the plain path decodes."""
+    from modeling_mlmamba.generation_mlmamba import fused_kernels
+
+    if fused_kernels() is None:
+        pytest.skip("no Triton here")
+    model = small_gpu_model()
+    inputs = prompt(model, 1)
+    reference = greedy(model, inputs)
+    fused = greedy(model, inputs, cache_implementation="static")
+    assert model._decode_graphs._fused, "batch 1 did not take the fused layer"
+    monkeypatch.setenv("MLMAMBA_FUSED_DECODE", "0")
+    model._decode_graphs = None
+    compiled = greedy(model, inputs, cache_implementation="static")
+    assert model._decode_graphs._fused is False
+    assert torch.equal(fused, reference) and torch.equal(compiled, reference)
+
+
+@torch.no_grad()
 def test_fast_path_cache_and_graph_are_reused_across_calls():
     model = small_gpu_model()
     inputs = prompt(model, 2)

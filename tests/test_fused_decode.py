@@ -1,0 +1,126 @@
+"""The batch-1 fused decode layer (three Triton kernels, generation_mlmamba.py) against the torch layer function.
+
+Reference: `make_block_step` with transformers' torch functions (itself tested against transformers' `Mamba2Model`
+token by token in test_decode_step.py): same inputs, same states, several tokens in a row. Runs on a CUDA GPU with
+Triton; on CPU only under Triton's interpreter (`TRITON_INTERPRET=1`, with Triton and numpy < 2 installed: not part of
+the CPU test run, whose environment has neither), unautotuned with small blocks so that every loop and mask is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tests.tiny import tiny_model, tiny_text_config
+
+from modeling_mlmamba.generation_mlmamba import (
+    _fused_kernels,
+    _torch_conv_update,
+    _torch_state_update,
+    make_block_step,
+    make_fused_block_step,
+)
+
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    import triton  # noqa: F401
+except Exception:
+    triton = None
+pytestmark = pytest.mark.skipif(
+    triton is None or not (ON_GPU or INTERPRETED), reason="needs Triton, and a CUDA GPU or TRITON_INTERPRET=1"
+)
+
+
+def _layer_inputs(lm, layer_index, dtype, device, generator):
+    layer = lm.layers[layer_index]
+    mixer = layer.mixer
+    weights = (layer.norm.weight, mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias,
+               mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias)
+    config = lm.config
+    hidden = config.hidden_size
+    conv_dim = int(config.expand * hidden) + 2 * config.n_groups * config.state_size
+    residual_dtype = torch.float32 if config.residual_in_fp32 else dtype
+    residual = torch.randn(1, 1, hidden, generator=generator).to(device, residual_dtype)
+    out = torch.randn(1, 1, hidden, generator=generator).to(device, dtype)
+    conv_state = torch.randn(1, conv_dim, config.conv_kernel, generator=generator).to(device, dtype)
+    ssm_state = torch.randn(1, config.num_heads, config.head_dim, config.state_size, generator=generator).to(device)
+    return weights, residual, out, conv_state, ssm_state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "text_overrides",
+    [dict(), dict(residual_in_fp32=False), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
+    ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
+)
+@torch.no_grad()
+def test_fused_layer_steps_like_the_torch_layer(dtype, text_overrides):
+    device = "cuda" if ON_GPU else "cpu"
+    model = tiny_model(seed=5, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
+    lm = model.model.language_model
+    with torch.no_grad():  # a non-trivial D, dt_bias and gated-norm weight
+        for p in lm.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p) * 0.1)
+    reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    if ON_GPU and not INTERPRETED:
+        fused = make_fused_block_step(lm)
+    else:  # interpreter: no autotuning, blocks smaller than the sizes so that the loops and masks run
+        fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
+                                                                                                      BLOCK_K=16))
+    assert fused is not None
+    generator = torch.Generator().manual_seed(7)
+    for layer_index in range(len(lm.layers)):
+        weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, layer_index, dtype, device, generator)
+        states = [(conv_state.clone(), ssm_state.clone()) for _ in range(2)]
+        for step in range(3):  # tokens in a row: each call advances its copy of the states
+            expected = reference(residual, out, *states[0], *weights)
+            got = fused(residual, out, *states[1], *weights)
+            tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+            for name, a, b in zip(("residual", "output"), got, expected):
+                assert a.shape == b.shape and a.dtype == b.dtype, name
+                torch.testing.assert_close(a, b, **tol, msg=f"{name}, layer {layer_index}, token {step}")
+            torch.testing.assert_close(states[1][0], states[0][0], **tol, msg="conv state")
+            torch.testing.assert_close(states[1][1], states[0][1], **tol, msg="SSM state")
+            residual, out = expected
+
+
+def test_fused_layer_refuses_a_batch_it_does_not_take():
+    device = "cuda" if ON_GPU else "cpu"
+    model = tiny_model(seed=5).to(device)
+    lm = model.model.language_model
+    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
+                                                                                              BLOCK_K=16))
+    weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 0, torch.float32, device, torch.Generator())
+    with pytest.raises(ValueError, match="one token of one sequence"):
+        fused(residual.expand(2, 1, -1), out.expand(2, 1, -1), conv_state.expand(2, -1, -1),
+              ssm_state.expand(2, -1, -1, -1), *weights)
+
+
+@torch.no_grad()
+def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
+    """config.ssm_state_dtype="bfloat16": the kernel reads the bf16 state, updates it in float32, computes the output
+    from the float32 update and stores the state rounded to bf16, as mamba_ssm's kernel does. Reference: the torch
+    layer on the same state held in float32, its new state rounded to bf16."""
+    device = "cuda" if ON_GPU else "cpu"
+    model = tiny_model(seed=6).to(device)
+    lm = model.model.language_model
+    reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
+                                                                                              BLOCK_K=16))
+    weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, torch.float32, device,
+                                                                  torch.Generator().manual_seed(8))
+    state16 = ssm_state.bfloat16()
+    initial, state32 = state16.clone(), state16.float()
+    conv = [conv_state.clone(), conv_state.clone()]
+    expected = reference(residual, out, conv[0], state32, *weights)
+    got = fused(residual, out, conv[1], state16, *weights)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert state16.dtype == torch.bfloat16
+    # to one bf16 rounding step: the float32 values differ in their last bits, and Triton's interpreter converts to
+    # bf16 by truncation where the GPU rounds to nearest
+    torch.testing.assert_close(state16.float(), state32.bfloat16().float(), atol=1e-6, rtol=2**-7)
+    assert not torch.equal(state16, initial), "the state did not move"
