@@ -31,6 +31,8 @@ itself runs anywhere and is tested on CPU against transformers' Mamba-2).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -239,33 +241,27 @@ def _fused_kernels(autotune: bool = True):
     ):
         pid = tl.program_id(0)
         dtype = norm_w_ptr.dtype.element_ty
-        # pass 1: the block input (previous residual + previous mixer output) and its mean square
+        # one pass: the block input h (previous residual + previous mixer output), its mean square, and in_proj on
+        # norm_w * h, streaming this program's weight rows once; the RMSNorm's scale r multiplies the product
+        # afterwards (W (norm_w * h * r) = r * W (norm_w * h)), so the norm costs no pass of its own
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = cols < K
             h = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             h += tl.load(prev_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            h = h.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # the residual stream's dtype
-            tl.store(res_out_ptr + cols, h.to(res_out_ptr.dtype.element_ty), mask=mask & (pid == 0))
+            h = h.to(res_out_ptr.dtype.element_ty)  # the residual stream's dtype
+            tl.store(res_out_ptr + cols, h, mask=mask & (pid == 0))
             x = h.to(dtype).to(tl.float32)
             squares += x * x
-        inv = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        # pass 2: in_proj on the normalised input, streaming this program's weight rows once
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            mask = cols < K
-            h = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            h += tl.load(prev_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            h = h.to(res_out_ptr.dtype.element_ty).to(tl.float32)
-            x = (h.to(dtype).to(tl.float32) * inv).to(dtype).to(tl.float32)
-            x = (tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * x).to(dtype).to(tl.float32)
+            x = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * x
             w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & mask[None, :],
                         other=0.0, eviction_policy="evict_first").to(tl.float32)
             acc += w * x[None, :]
+        acc *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         val = tl.sum(acc, axis=1)
         if HAS_BIAS:
             val += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -292,7 +288,7 @@ def _fused_kernels(autotune: bool = True):
 
     @triton.jit
     def ssm_step_gate(
-        proj_ptr, state_ptr, A_log_ptr, D_ptr, dt_bias_ptr, y_ptr, part_ptr,
+        proj_ptr, state_ptr, A_log_ptr, D_ptr, dt_bias_ptr, gated_w_ptr, y_ptr, part_ptr,
         stride_proj_b, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b,
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
         HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -325,38 +321,59 @@ def _fused_kernels(autotune: bool = True):
         y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
         z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
         y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
-        tl.store(y_ptr + batch * stride_y_b + channel, y, mask=p_mask)
         tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
+        # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
+        y *= tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
     @triton.jit
     def gated_norm_out_proj(
-        y_ptr, part_ptr, gated_w_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, n_parts, parts_per_group, group_size, eps,
-        HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, N, K, stride_wn, n_parts, parts_per_group,
+        group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        dtype = w_ptr.dtype.element_ty
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         # the gated output's mean square per group, from the SSM kernel's per-block sums
         i = tl.arange(0, BLOCK_PARTS)
         parts = tl.load(part_ptr + i, mask=i < n_parts, other=0.0)
         g = tl.arange(0, BLOCK_G)
         in_group = (i // parts_per_group)[:, None] == g[None, :]
         inv_g = tl.rsqrt(tl.sum(tl.where(in_group, parts[:, None], 0.0), axis=0) / group_size + eps)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
+        # this program's share of the columns (split-K: out_proj has few rows and long ones)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = cols < K
-            inv = tl.sum(tl.where(((cols // group_size)[:, None] == g[None, :]), inv_g[None, :], 0.0), axis=1)
-            y = (tl.load(y_ptr + cols, mask=mask, other=0.0) * inv).to(dtype).to(tl.float32)
-            y = (tl.load(gated_w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * y).to(dtype).to(tl.float32)
+            u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if BLOCK_G > 1:  # each column's group scale (one group: the scale multiplies the product afterwards)
+                u *= tl.sum(tl.where(((cols // group_size)[:, None] == g[None, :]), inv_g[None, :], 0.0), axis=1)
             w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & mask[None, :],
                         other=0.0, eviction_policy="evict_first").to(tl.float32)
-            acc += w * y[None, :]
+            acc += w * u[None, :]
         out = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        if BLOCK_G == 1:
+            out *= tl.sum(inv_g, axis=0)
+        if SPLIT_K > 1:
+            # each program leaves its partial sums; the last of a row block's programs to finish adds them up, in
+            # split order (so the result does not depend on which finished last) and resets the block's counter
+            tl.store(split_ptr + pid_k * N + rows, out, mask=row_mask)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):
+                    out += tl.load(split_ptr + split * N + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+        else:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
     if autotune:
         configs = [
@@ -370,7 +387,15 @@ def _fused_kernels(autotune: bool = True):
         norm_in_proj_conv = triton.autotune(configs, key=["N", "K"], restore_value=["conv_state_ptr"])(
             norm_in_proj_conv
         )
-        gated_norm_out_proj = triton.autotune(configs, key=["N", "K"])(gated_norm_out_proj)
+        split_configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=w, num_stages=st)
+            for n, k, w, st, split in [
+                (4, 512, 4, 4, 1), (8, 512, 4, 3, 1), (16, 256, 4, 4, 1), (8, 256, 4, 4, 2), (8, 512, 4, 3, 2),
+                (16, 256, 4, 4, 2), (16, 512, 8, 3, 2), (32, 256, 8, 3, 2), (8, 256, 4, 4, 4), (16, 256, 4, 4, 4),
+                (32, 128, 4, 4, 4),
+            ]
+        ]
+        gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"])(gated_norm_out_proj)
     return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj)
 
 
@@ -390,14 +415,19 @@ def fused_kernels():
 
 def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None = None):
     """`make_block_step`'s function (same arguments, same results, states updated in place) for batch 1 as three
-    Triton kernels (see above); None when `fused_kernels()` finds none. `kernels` / `block_sizes` (BLOCK_N, BLOCK_K)
-    are for running unautotuned kernels (tests under Triton's interpreter)."""
+    Triton kernels (see above); None when `fused_kernels()` finds none. `kernels` and `block_sizes` (BLOCK_N, BLOCK_K
+    for both products, SPLIT_K for out_proj) are for running unautotuned kernels (tests under Triton's
+    interpreter)."""
     found = fused_kernels() if kernels is None else kernels
     if found is None:
         return None
     triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj) = found
     s = _block_shape(language_model)
     meta = dict(block_sizes or {})
+    in_meta = {k: v for k, v in meta.items() if k != "SPLIT_K"}
+    out_meta = dict(meta, SPLIT_K=meta.get("SPLIT_K", 1)) if meta else {}
+    max_split = out_meta.get("SPLIT_K", 4)  # the autotuned configs split out_proj's columns in up to 4
+    counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
     block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
@@ -407,7 +437,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     dt_start = c_start + s.groups * s.state
 
     def grid(n):
-        return lambda m: (triton.cdiv(n, m["BLOCK_N"]),)
+        return lambda m: (triton.cdiv(n, m["BLOCK_N"]), m.get("SPLIT_K", 1))
 
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
                    gated_w, out_w, out_b):
@@ -428,12 +458,12 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
             conv_w2.stride(0), conv_w2.stride(1), s.norm_eps,
             HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, SILU=s.activation in ("silu", "swish"),
-            D_CONV=conv_w.shape[-1], BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **meta,
+            D_CONV=conv_w.shape[-1], BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **in_meta,
         )
-        gated = torch.empty(batch, s.intermediate, device=out.device, dtype=torch.float32)
+        gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
-            projected, ssm_state, A_log, D, dt_bias, gated, parts,
+            projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
@@ -441,11 +471,15 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         )
         n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)
+        count = counters.get(out.device)
+        if count is None or count.numel() < n_out:
+            count = counters[out.device] = torch.zeros(n_out, device=out.device, dtype=torch.int32)
+        split = torch.empty(max_split, n_out, device=out.device, dtype=torch.float32)
         gated_norm_out_proj[grid(n_out)](
-            gated, parts, gated_w, out_w, out_b if out_b is not None else out_w, new_out, n_out, k_out,
+            gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
             out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
             HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
-            BLOCK_PARTS=triton.next_power_of_2(n_parts), **meta,
+            BLOCK_PARTS=triton.next_power_of_2(n_parts), **out_meta,
         )
         return res_out, new_out
 
@@ -571,6 +605,22 @@ def allow_deferred_stop_checks() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _capture_into(graph: torch.cuda.CUDAGraph, pool):
+    """`torch.cuda.graph(graph, pool=pool)` with Python's garbage collector held off: a collection during the capture
+    can free an unreferenced graph of an earlier runner (a reference cycle through its cache), and freeing CUDA memory
+    or destroying a graph while a stream is capturing invalidates the capture."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class ShapeGraphs:
     """CUDA graphs of one tensor function, one per input shape, for work whose host time exceeds its GPU time.
 
@@ -639,7 +689,7 @@ class ShapeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.before is not None:
             self.before(*inputs)
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _capture_into(graph, self.pool):
             static_outputs = self.fn(*static_inputs)
         return graph, static_inputs, tuple(static_outputs)
 
@@ -872,7 +922,7 @@ class DecodeGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _capture_into(graph, self.pool):
             static_logits = step(static_ids, cache)
         self.graphs[batch_size] = (graph, static_ids, static_logits, cache)
 

@@ -50,13 +50,14 @@ def _layer_inputs(lm, layer_index, dtype, device, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [1, 3], ids=["whole-rows", "split-k"])
 @pytest.mark.parametrize(
     "text_overrides",
     [dict(), dict(residual_in_fp32=False), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
     ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
 )
 @torch.no_grad()
-def test_fused_layer_steps_like_the_torch_layer(dtype, text_overrides):
+def test_fused_layer_steps_like_the_torch_layer(dtype, split_k, text_overrides):
     device = "cuda" if ON_GPU else "cpu"
     model = tiny_model(seed=5, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
     lm = model.model.language_model
@@ -65,11 +66,12 @@ def test_fused_layer_steps_like_the_torch_layer(dtype, text_overrides):
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p) * 0.1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    if ON_GPU and not INTERPRETED:
-        fused = make_fused_block_step(lm)
-    else:  # interpreter: no autotuning, blocks smaller than the sizes so that the loops and masks run
-        fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
-                                                                                                      BLOCK_K=16))
+    if ON_GPU and not INTERPRETED and split_k == 1:
+        fused = make_fused_block_step(lm)  # autotuned
+    else:  # no autotuning, blocks smaller than the sizes so that the loops and masks run; out_proj's columns split
+        # in 3 (one share empty for the tiny model: it must add nothing)
+        fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False),
+                                      block_sizes=dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k))
     assert fused is not None
     generator = torch.Generator().manual_seed(7)
     for layer_index in range(len(lm.layers)):

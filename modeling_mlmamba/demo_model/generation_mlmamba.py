@@ -31,6 +31,9 @@ itself runs anywhere and is tested on CPU against transformers' Mamba-2).
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 from dataclasses import dataclass
 
 import torch
@@ -177,8 +180,6 @@ def _gemv_kernel():
 def decode_gemv(namespace: str = "mlmamba"):
     """`{namespace}::gemv(x, weight, bias)`: `F.linear` for one input row (x: (..., K) with one row in all), as a
     custom op around the Triton kernel above; None without Triton or CUDA, or when MLMAMBA_TRITON_GEMV=0."""
-    import os
-
     if _GEMV:
         return _GEMV[0]
     op = None
@@ -212,6 +213,279 @@ def decode_gemv(namespace: str = "mlmamba"):
     return op
 
 
+# ---- batch 1: one layer in three kernels ------------------------------------------------------------------------
+# At batch 1 the compiled step still runs ~7 kernels per layer (add + RMSNorm, in_proj, conv update, A = -exp(A_log),
+# SSM update, gated RMSNorm, out_proj): ~13 µs per layer besides the two matrix-vector products, and each kernel
+# boundary inside the CUDA graph costs another ~1 µs. Here a layer is three Triton kernels:
+#   1. `norm_in_proj_conv`: residual add + RMSNorm as the prologue of in_proj's matrix-vector product (each program
+#      recomputes the 2.5k-element norm from L2), the conv update of the xBC channels as its epilogue (each channel
+#      belongs to one program: its conv state is shifted and written there);
+#   2. `ssm_step_gate`: the SSM state update (softplus(dt + dt_bias), A = -exp(A_log)), D skip, the gate y·silu(z),
+#      and per-block sums of squares of the gated output for the next kernel's norm; any batch size;
+#   3. `gated_norm_out_proj`: the gated RMSNorm (per group, from those sums) as the prologue of out_proj's product.
+# The arithmetic, roundings included, is `make_block_step`'s (transformers' Mamba2Block on one token).
+_FUSED: list = []  # [(triton, kernels) or None], resolved on first use
+_SSM_BLOCK_P = 16  # head-dim rows per program of the SSM update (sets how its sums of squares are laid out)
+
+
+def _fused_kernels(autotune: bool = True):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_in_proj_conv(
+        res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+        N, K, stride_wn, conv_start, conv_dim, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k, eps,
+        HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        dtype = norm_w_ptr.dtype.element_ty
+        # one pass: the block input h (previous residual + previous mixer output), its mean square, and in_proj on
+        # norm_w * h, streaming this program's weight rows once; the RMSNorm's scale r multiplies the product
+        # afterwards (W (norm_w * h * r) = r * W (norm_w * h)), so the norm costs no pass of its own
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = cols < K
+            h = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            h += tl.load(prev_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            h = h.to(res_out_ptr.dtype.element_ty)  # the residual stream's dtype
+            tl.store(res_out_ptr + cols, h, mask=mask & (pid == 0))
+            x = h.to(dtype).to(tl.float32)
+            squares += x * x
+            x = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * x
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & mask[None, :],
+                        other=0.0, eviction_policy="evict_first").to(tl.float32)
+            acc += w * x[None, :]
+        acc *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        val = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            val += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        val = val.to(out_ptr.dtype.element_ty).to(tl.float32)  # the projection's output dtype
+        # epilogue: the depthwise causal conv of the xBC channels (state shifted left, the new value last)
+        c = rows - conv_start
+        is_conv = row_mask & (c >= 0) & (c < conv_dim)
+        j = tl.arange(0, BLOCK_C)
+        conv_mask = is_conv[:, None] & (j < D_CONV)[None, :]
+        shifted = tl.load(conv_state_ptr + c[:, None] * stride_cs_c + (j[None, :] + 1) * stride_cs_k,
+                          mask=conv_mask & (j + 1 < D_CONV)[None, :], other=0.0)
+        state_dtype = conv_state_ptr.dtype.element_ty
+        window = tl.where((j == D_CONV - 1)[None, :], val.to(state_dtype)[:, None], shifted).to(tl.float32)
+        tl.store(conv_state_ptr + c[:, None] * stride_cs_c + j[None, :] * stride_cs_k, window.to(state_dtype),
+                 mask=conv_mask)
+        conv_w = tl.load(conv_w_ptr + c[:, None] * stride_cw_c + j[None, :] * stride_cw_k, mask=conv_mask, other=0.0)
+        conv = tl.sum(window * conv_w.to(tl.float32), axis=1)
+        if HAS_CONV_BIAS:
+            conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
+        if SILU:
+            conv = conv * tl.sigmoid(conv)
+        val = tl.where(is_conv, conv, val)
+        tl.store(out_ptr + rows, val.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    @triton.jit
+    def ssm_step_gate(
+        proj_ptr, state_ptr, A_log_ptr, D_ptr, dt_bias_ptr, gated_w_ptr, y_ptr, part_ptr,
+        stride_proj_b, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b,
+        x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
+        HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < head_dim
+        n = tl.arange(0, BLOCK_S)
+        n_mask = n < state_size
+        proj = proj_ptr + batch * stride_proj_b
+        channel = head * head_dim + p
+        group = head // heads_per_group
+        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
+        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        dt = tl.load(proj + dt_start + head).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt += tl.load(dt_bias_ptr + head).to(tl.float32)
+        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
+        A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
+        state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
+                      + n[None, :] * stride_s_n)
+        mask = p_mask[:, None] & n_mask[None, :]
+        state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+        state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
+        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+        y = tl.sum(state * C[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + head).to(tl.float32)
+        y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
+        z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
+        y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
+        tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
+        # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
+        y *= tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+
+    @triton.jit
+    def gated_norm_out_proj(
+        u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, N, K, stride_wn, n_parts, parts_per_group,
+        group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        # the gated output's mean square per group, from the SSM kernel's per-block sums
+        i = tl.arange(0, BLOCK_PARTS)
+        parts = tl.load(part_ptr + i, mask=i < n_parts, other=0.0)
+        g = tl.arange(0, BLOCK_G)
+        in_group = (i // parts_per_group)[:, None] == g[None, :]
+        inv_g = tl.rsqrt(tl.sum(tl.where(in_group, parts[:, None], 0.0), axis=0) / group_size + eps)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        # this program's share of the columns (split-K: out_proj has few rows and long ones)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = cols < K
+            u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if BLOCK_G > 1:  # each column's group scale (one group: the scale multiplies the product afterwards)
+                u *= tl.sum(tl.where(((cols // group_size)[:, None] == g[None, :]), inv_g[None, :], 0.0), axis=1)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & mask[None, :],
+                        other=0.0, eviction_policy="evict_first").to(tl.float32)
+            acc += w * u[None, :]
+        out = tl.sum(acc, axis=1)
+        if BLOCK_G == 1:
+            out *= tl.sum(inv_g, axis=0)
+        if SPLIT_K > 1:
+            # each program leaves its partial sums; the last of a row block's programs to finish adds them up, in
+            # split order (so the result does not depend on which finished last) and resets the block's counter
+            tl.store(split_ptr + pid_k * N + rows, out, mask=row_mask)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):
+                    out += tl.load(split_ptr + split * N + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+        else:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+    if autotune:
+        configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for n, k, w, st in [
+                (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 4),
+                (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 2),
+            ]
+        ]
+        # autotuning runs the kernel several times: the conv state it updates is put back after each trial
+        norm_in_proj_conv = triton.autotune(configs, key=["N", "K"], restore_value=["conv_state_ptr"])(
+            norm_in_proj_conv
+        )
+        split_configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=w, num_stages=st)
+            for n, k, w, st, split in [
+                (4, 512, 4, 4, 1), (8, 512, 4, 3, 1), (16, 256, 4, 4, 1), (8, 256, 4, 4, 2), (8, 512, 4, 3, 2),
+                (16, 256, 4, 4, 2), (16, 512, 8, 3, 2), (32, 256, 8, 3, 2), (8, 256, 4, 4, 4), (16, 256, 4, 4, 4),
+                (32, 128, 4, 4, 4),
+            ]
+        ]
+        gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"])(gated_norm_out_proj)
+    return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj)
+
+
+def fused_kernels():
+    """(triton, kernels) for the batch-1 fused layer, or None without Triton or CUDA, or when MLMAMBA_TRITON_GEMV=0
+    (which turns off all of this file's Triton kernels)."""
+    if not _FUSED:
+        found = None
+        if os.environ.get("MLMAMBA_TRITON_GEMV", "1") != "0" and torch.cuda.is_available():
+            try:
+                found = _fused_kernels()
+            except Exception:  # no Triton, or one that cannot build these kernels
+                found = None
+        _FUSED.append(found)
+    return _FUSED[0]
+
+
+def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None = None):
+    """`make_block_step`'s function (same arguments, same results, states updated in place) for batch 1 as three
+    Triton kernels (see above); None when `fused_kernels()` finds none. `kernels` and `block_sizes` (BLOCK_N, BLOCK_K
+    for both products, SPLIT_K for out_proj) are for running unautotuned kernels (tests under Triton's
+    interpreter)."""
+    found = fused_kernels() if kernels is None else kernels
+    if found is None:
+        return None
+    triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj) = found
+    s = _block_shape(language_model)
+    meta = dict(block_sizes or {})
+    in_meta = {k: v for k, v in meta.items() if k != "SPLIT_K"}
+    out_meta = dict(meta, SPLIT_K=meta.get("SPLIT_K", 1)) if meta else {}
+    max_split = out_meta.get("SPLIT_K", 4)  # the autotuned configs split out_proj's columns in up to 4
+    counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
+    block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
+    blocks_per_head = triton.cdiv(s.head_dim, block_p)
+    n_parts = s.heads * blocks_per_head
+    x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
+    b_start = x_start + s.intermediate
+    c_start = b_start + s.groups * s.state
+    dt_start = c_start + s.groups * s.state
+
+    def grid(n):
+        return lambda m: (triton.cdiv(n, m["BLOCK_N"]), m.get("SPLIT_K", 1))
+
+    def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
+                   gated_w, out_w, out_b):
+        batch = residual.shape[0]
+        if batch != 1 or residual.numel() != in_w.shape[1] or conv_state.shape[-1] != conv_w.shape[-1]:
+            raise ValueError(
+                f"the fused decode layer takes one token of one sequence (residual of {in_w.shape[1]} values, conv "
+                f"state as long as the conv kernel, {conv_w.shape[-1]}); got residual {tuple(residual.shape)}, "
+                f"conv state {tuple(conv_state.shape)}"
+            )
+        n_in, k_in = in_w.shape
+        res_out = torch.empty_like(residual)
+        projected = out.new_empty(batch, 1, n_in)
+        conv_w2 = conv_w.view(conv_w.shape[0], conv_w.shape[-1])
+        norm_in_proj_conv[grid(n_in)](
+            residual, out, norm_w, res_out, in_w, in_b if in_b is not None else in_w, projected,
+            conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
+            n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
+            conv_w2.stride(0), conv_w2.stride(1), s.norm_eps,
+            HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, SILU=s.activation in ("silu", "swish"),
+            D_CONV=conv_w.shape[-1], BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **in_meta,
+        )
+        gated = out_w.new_empty(batch, s.intermediate)
+        parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
+        ssm_step_gate[(blocks_per_head, s.heads, batch)](
+            projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
+            projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
+            x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
+            HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
+            BLOCK_S=triton.next_power_of_2(s.state),
+        )
+        n_out, k_out = out_w.shape
+        new_out = out.new_empty(batch, 1, n_out)
+        count = counters.get(out.device)
+        if count is None or count.numel() < n_out:
+            count = counters[out.device] = torch.zeros(n_out, device=out.device, dtype=torch.int32)
+        split = torch.empty(max_split, n_out, device=out.device, dtype=torch.float32)
+        gated_norm_out_proj[grid(n_out)](
+            gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
+            out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
+            HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
+            BLOCK_PARTS=triton.next_power_of_2(n_parts), **out_meta,
+        )
+        return res_out, new_out
+
+    return block_step
+
+
 @dataclass(frozen=True)
 class _BlockShape:
     intermediate: int
@@ -227,17 +501,11 @@ class _BlockShape:
     gated_eps: float
 
 
-def make_block_step(language_model, kernels: tuple | None = None):
-    """One `Mamba2Block` of `language_model` (a transformers `Mamba2Model`) on one token, states updated in place.
-
-    The same arithmetic as `Mamba2Block.forward` + `Mamba2Mixer.forward`'s single-token branch (transformers 5.x),
-    written as a function of tensors so that one compiled graph serves every layer. It takes the previous block's
-    residual stream and mixer output separately and returns its own, so that the residual add of one layer and the
-    RMSNorm of the next land in one fused kernel."""
+def _block_shape(language_model) -> _BlockShape:
     config = language_model.config
     mixer = language_model.layers[0].mixer
     intermediate = int(config.expand * config.hidden_size)
-    shape = _BlockShape(
+    return _BlockShape(
         intermediate=intermediate,
         conv_dim=intermediate + 2 * config.n_groups * config.state_size,
         heads=config.num_heads,
@@ -250,6 +518,16 @@ def make_block_step(language_model, kernels: tuple | None = None):
         norm_eps=language_model.layers[0].norm.variance_epsilon,
         gated_eps=mixer.norm.variance_epsilon,
     )
+
+
+def make_block_step(language_model, kernels: tuple | None = None):
+    """One `Mamba2Block` of `language_model` (a transformers `Mamba2Model`) on one token, states updated in place.
+
+    The same arithmetic as `Mamba2Block.forward` + `Mamba2Mixer.forward`'s single-token branch (transformers 5.x),
+    written as a function of tensors so that one compiled graph serves every layer. It takes the previous block's
+    residual stream and mixer output separately and returns its own, so that the residual add of one layer and the
+    RMSNorm of the next land in one fused kernel."""
+    shape = _block_shape(language_model)
     conv_update, state_update, _ = decode_kernels() if kernels is None else kernels
     s = shape
 
@@ -327,6 +605,22 @@ def allow_deferred_stop_checks() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _capture_into(graph: torch.cuda.CUDAGraph, pool):
+    """`torch.cuda.graph(graph, pool=pool)` with Python's garbage collector held off: a collection during the capture
+    can free an unreferenced graph of an earlier runner (a reference cycle through its cache), and freeing CUDA memory
+    or destroying a graph while a stream is capturing invalidates the capture."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class ShapeGraphs:
     """CUDA graphs of one tensor function, one per input shape, for work whose host time exceeds its GPU time.
 
@@ -395,7 +689,7 @@ class ShapeGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.before is not None:
             self.before(*inputs)
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _capture_into(graph, self.pool):
             static_outputs = self.fn(*static_inputs)
         return graph, static_inputs, tuple(static_outputs)
 
@@ -425,6 +719,7 @@ class DecodeGraphRunner:
         self.fullgraph = True  # one graph per layer; set to False when that fails, keeping graph breaks
         self.failed_modes: set[str] = set()  # compile modes that failed here: not tried again
         self._block = None
+        self._fused = None  # the batch-1 fused layer: unresolved (None), absent (False) or the function
         # prefill: the LM's prompt pass and the towers + connector, each captured per input shape (see ShapeGraphs)
         self.prefill_graphs = ShapeGraphs(
             self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=4
@@ -457,6 +752,14 @@ class DecodeGraphRunner:
             self._block = block
         return self._block
 
+    def _fused_fn(self):
+        """The batch-1 layer as three Triton kernels (`make_fused_block_step`), or None where there are none."""
+        if self._fused is None:
+            # MLMAMBA_FUSED_DECODE=0: batch 1 runs the compiled layer as the other batch sizes do
+            enabled = os.environ.get("MLMAMBA_FUSED_DECODE", "1") != "0"
+            self._fused = (enabled and make_fused_block_step(self.model.model.language_model)) or False
+        return self._fused or None
+
     def _step(self, input_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
         """input_ids: (batch, 1) → float32 logits (batch, 1, vocab); updates `cache` in place.
 
@@ -464,7 +767,8 @@ class DecodeGraphRunner:
         layer by layer. A generated `<image>` id (it lies inside the LM's vocabulary) is embedded as id 0, as the
         model's forward does for placeholders without pixel values."""
         model, lm = self.model, self.model.model.language_model
-        block = self._block_fn()
+        batch_size = input_ids.shape[0]
+        block = (self._fused_fn() if batch_size == 1 else None) or self._block_fn()
         input_ids = input_ids.masked_fill(input_ids == model.config.image_token_id, 0)
         hidden = lm.embeddings(input_ids)
         residual = hidden.float() if lm.config.residual_in_fp32 else hidden
@@ -476,8 +780,11 @@ class DecodeGraphRunner:
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
                 mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias,
             )
-        hidden = lm.norm_f(residual + out)
-        return model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
+        hidden = lm.norm_f(residual + out).to(model.lm_head.weight.dtype)
+        gemv = decode_gemv() if batch_size == 1 and hidden.is_cuda else None
+        head = model.lm_head
+        logits = gemv(hidden, head.weight, head.bias) if gemv is not None else head(hidden)
+        return logits.float()
 
     # ---- prefill ------------------------------------------------------------------------------------------------
     def _lm_prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor]:
@@ -615,7 +922,7 @@ class DecodeGraphRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with _capture_into(graph, self.pool):
             static_logits = step(static_ids, cache)
         self.graphs[batch_size] = (graph, static_ids, static_logits, cache)
 
