@@ -237,7 +237,8 @@ def _fused_kernels(autotune: bool = True):
         res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
         N, K, stride_wn, conv_start, conv_dim, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k, eps,
         HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
-        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
         dtype = norm_w_ptr.dtype.element_ty
@@ -248,6 +249,13 @@ def _fused_kernels(autotune: bool = True):
         row_mask = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        # the weights do not depend on the previous kernel: the first tile is read before waiting for it
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :],
+                    mask=row_mask[:, None] & (tl.arange(0, BLOCK_K) < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = cols < K
@@ -258,9 +266,12 @@ def _fused_kernels(autotune: bool = True):
             x = h.to(dtype).to(tl.float32)
             squares += x * x
             x = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * x
-            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & mask[None, :],
-                        other=0.0, eviction_policy="evict_first").to(tl.float32)
-            acc += w * x[None, :]
+            following = cols + BLOCK_K  # the next tile is in flight while this one is used
+            w_next = tl.load(w_ptr + rows[:, None] * stride_wn + following[None, :],
+                             mask=row_mask[:, None] & (following < K)[None, :], other=0.0,
+                             eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x[None, :]
+            w = w_next
         acc *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         val = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -291,7 +302,8 @@ def _fused_kernels(autotune: bool = True):
         proj_ptr, state_ptr, A_log_ptr, D_ptr, dt_bias_ptr, gated_w_ptr, y_ptr, part_ptr,
         stride_proj_b, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b,
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
-        HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -301,18 +313,24 @@ def _fused_kernels(autotune: bool = True):
         proj = proj_ptr + batch * stride_proj_b
         channel = head * head_dim + p
         group = head // heads_per_group
-        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
-        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
-        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
-        dt = tl.load(proj + dt_start + head).to(tl.float32)
-        if HAS_DT_BIAS:
-            dt += tl.load(dt_bias_ptr + head).to(tl.float32)
-        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
-        A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
+        # the state and the weights do not depend on the previous kernel: read before waiting for it
         state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
                       + n[None, :] * stride_s_n)
         mask = p_mask[:, None] & n_mask[None, :]
         state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
+        A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
+        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
+        dt_bias = 0.0
+        if HAS_DT_BIAS:
+            dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
+        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
+        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
         state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
         tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
         y = tl.sum(state * C[None, :], axis=1)
@@ -323,26 +341,34 @@ def _fused_kernels(autotune: bool = True):
         y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
         tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
         # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
-        y *= tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
+        y *= gated_w
         tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
 
     @triton.jit
     def gated_norm_out_proj(
         u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, N, K, stride_wn, n_parts, parts_per_group,
         group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
-        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        # this program's share of the columns (split-K: out_proj has few rows and long ones)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_end = tl.minimum((pid_k + 1) * k_len, K)
+        # the weights do not depend on the previous kernel: the first tile is read before waiting for it
+        first = pid_k * k_len + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + first[None, :],
+                    mask=row_mask[:, None] & (first < k_end)[None, :], other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # the gated output's mean square per group, from the SSM kernel's per-block sums
         i = tl.arange(0, BLOCK_PARTS)
         parts = tl.load(part_ptr + i, mask=i < n_parts, other=0.0)
         g = tl.arange(0, BLOCK_G)
         in_group = (i // parts_per_group)[:, None] == g[None, :]
         inv_g = tl.rsqrt(tl.sum(tl.where(in_group, parts[:, None], 0.0), axis=0) / group_size + eps)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        # this program's share of the columns (split-K: out_proj has few rows and long ones)
-        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -350,9 +376,12 @@ def _fused_kernels(autotune: bool = True):
             u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             if BLOCK_G > 1:  # each column's group scale (one group: the scale multiplies the product afterwards)
                 u *= tl.sum(tl.where(((cols // group_size)[:, None] == g[None, :]), inv_g[None, :], 0.0), axis=1)
-            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=row_mask[:, None] & mask[None, :],
-                        other=0.0, eviction_policy="evict_first").to(tl.float32)
-            acc += w * u[None, :]
+            following = cols + BLOCK_K  # the next tile is in flight while this one is used
+            w_next = tl.load(w_ptr + rows[:, None] * stride_wn + following[None, :],
+                             mask=row_mask[:, None] & (following < k_end)[None, :], other=0.0,
+                             eviction_policy="evict_first")
+            acc += w.to(tl.float32) * u[None, :]
+            w = w_next
         out = tl.sum(acc, axis=1)
         if BLOCK_G == 1:
             out *= tl.sum(inv_g, axis=0)
@@ -413,6 +442,23 @@ def fused_kernels():
     return _FUSED[0]
 
 
+def _programmatic_launch_supported(triton) -> bool:
+    """Programmatic dependent launch (Hopper and newer, Triton with `gdc_wait`): each of the fused kernels may start
+    while the previous one finishes, reading its weights (and the SSM state) before it waits for the previous
+    kernel's output (`griddepcontrol.wait`). MLMAMBA_PDL=0 turns it off."""
+    try:
+        from triton.language.extra import cuda as triton_cuda
+
+        return (
+            os.environ.get("MLMAMBA_PDL", "1") != "0"
+            and hasattr(triton_cuda, "gdc_wait")
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] >= 9
+        )
+    except Exception:
+        return False
+
+
 def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None = None):
     """`make_block_step`'s function (same arguments, same results, states updated in place) for batch 1 as three
     Triton kernels (see above); None when `fused_kernels()` finds none. `kernels` and `block_sizes` (BLOCK_N, BLOCK_K
@@ -428,6 +474,9 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     out_meta = dict(meta, SPLIT_K=meta.get("SPLIT_K", 1)) if meta else {}
     max_split = out_meta.get("SPLIT_K", 4)  # the autotuned configs split out_proj's columns in up to 4
     counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
+    pdl = dict(USE_PDL=False)
+    if kernels is None and _programmatic_launch_supported(triton):
+        pdl = dict(USE_PDL=True, launch_pdl=True)
     block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
@@ -458,7 +507,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
             conv_w2.stride(0), conv_w2.stride(1), s.norm_eps,
             HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, SILU=s.activation in ("silu", "swish"),
-            D_CONV=conv_w.shape[-1], BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **in_meta,
+            D_CONV=conv_w.shape[-1], BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **pdl, **in_meta,
         )
         gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
@@ -467,7 +516,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
-            BLOCK_S=triton.next_power_of_2(s.state),
+            BLOCK_S=triton.next_power_of_2(s.state), **pdl,
         )
         n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)
@@ -479,7 +528,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
             out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
             HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
-            BLOCK_PARTS=triton.next_power_of_2(n_parts), **out_meta,
+            BLOCK_PARTS=triton.next_power_of_2(n_parts), **pdl, **out_meta,
         )
         return res_out, new_out
 
