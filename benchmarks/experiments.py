@@ -192,6 +192,10 @@ def step_kernels(model, batch: int = 1):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             runner._step(static_ids, cache)
             torch.cuda.synchronize()
+    found = generation_mlmamba.fused_kernels()
+    for kernel in found[1] if found is not None else ():
+        if hasattr(kernel, "best_config"):  # autotuned: the configuration it settled on for the released shapes
+            print(f"{kernel.fn.__name__}: {kernel.best_config}")
     print(f"\n===== kernels of one decode step, batch {batch} (64 layers)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
 

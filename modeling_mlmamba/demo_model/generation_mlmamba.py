@@ -259,6 +259,10 @@ def _fused_kernels(autotune: bool = True):
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = cols < K
+            following = cols + BLOCK_K  # the next weight tile is in flight while this one is used
+            w_next = tl.load(w_ptr + rows[:, None] * stride_wn + following[None, :],
+                             mask=row_mask[:, None] & (following < K)[None, :], other=0.0,
+                             eviction_policy="evict_first")
             h = tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             h += tl.load(prev_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             h = h.to(res_out_ptr.dtype.element_ty)  # the residual stream's dtype
@@ -266,10 +270,6 @@ def _fused_kernels(autotune: bool = True):
             x = h.to(dtype).to(tl.float32)
             squares += x * x
             x = tl.load(norm_w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * x
-            following = cols + BLOCK_K  # the next tile is in flight while this one is used
-            w_next = tl.load(w_ptr + rows[:, None] * stride_wn + following[None, :],
-                             mask=row_mask[:, None] & (following < K)[None, :], other=0.0,
-                             eviction_policy="evict_first")
             acc += w.to(tl.float32) * x[None, :]
             w = w_next
         acc *= tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -373,13 +373,13 @@ def _fused_kernels(autotune: bool = True):
         for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = cols < K
-            u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if BLOCK_G > 1:  # each column's group scale (one group: the scale multiplies the product afterwards)
-                u *= tl.sum(tl.where(((cols // group_size)[:, None] == g[None, :]), inv_g[None, :], 0.0), axis=1)
-            following = cols + BLOCK_K  # the next tile is in flight while this one is used
+            following = cols + BLOCK_K  # the next weight tile is in flight while this one is used
             w_next = tl.load(w_ptr + rows[:, None] * stride_wn + following[None, :],
                              mask=row_mask[:, None] & (following < k_end)[None, :], other=0.0,
                              eviction_policy="evict_first")
+            u = tl.load(u_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if BLOCK_G > 1:  # each column's group scale (one group: the scale multiplies the product afterwards)
+                u *= tl.sum(tl.where(((cols // group_size)[:, None] == g[None, :]), inv_g[None, :], 0.0), axis=1)
             acc += w.to(tl.float32) * u[None, :]
             w = w_next
         out = tl.sum(acc, axis=1)
@@ -410,6 +410,7 @@ def _fused_kernels(autotune: bool = True):
             for n, k, w, st in [
                 (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 4),
                 (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 2),
+                (16, 1024, 8, 2), (32, 512, 8, 2), (64, 128, 8, 2), (64, 256, 8, 2), (32, 256, 4, 2),
             ]
         ]
         # autotuning runs the kernel several times: the conv state it updates is put back after each trial
@@ -421,7 +422,7 @@ def _fused_kernels(autotune: bool = True):
             for n, k, w, st, split in [
                 (4, 512, 4, 4, 1), (8, 512, 4, 3, 1), (16, 256, 4, 4, 1), (8, 256, 4, 4, 2), (8, 512, 4, 3, 2),
                 (16, 256, 4, 4, 2), (16, 512, 8, 3, 2), (32, 256, 8, 3, 2), (8, 256, 4, 4, 4), (16, 256, 4, 4, 4),
-                (32, 128, 4, 4, 4),
+                (32, 128, 4, 4, 4), (32, 512, 8, 2, 2), (64, 128, 8, 2, 2), (16, 512, 8, 2, 4), (32, 256, 8, 2, 4),
             ]
         ]
         gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"])(gated_norm_out_proj)
