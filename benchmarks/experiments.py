@@ -196,6 +196,10 @@ def step_kernels(model, batch: int = 1):
     for kernel in found[1] if found is not None else ():
         if hasattr(kernel, "best_config"):  # autotuned: the configuration it settled on for the released shapes
             print(f"{kernel.fn.__name__}: {kernel.best_config}")
+            timings = sorted((t[0] if isinstance(t, (list, tuple)) else t, str(c))
+                             for c, t in getattr(kernel, "configs_timings", {}).items())
+            for t, c in timings[:6]:
+                print(f"    {t * 1e3:8.1f} µs  {c}")
     print(f"\n===== kernels of one decode step, batch {batch} (64 layers)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
 
