@@ -414,15 +414,10 @@ def _fused_kernels(autotune: bool = True):
                 (4, 512, 4, 4), (8, 256, 4, 4), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 4), (16, 256, 8, 4),
                 (16, 512, 8, 3), (32, 128, 4, 4), (32, 256, 8, 3), (4, 1024, 4, 3), (8, 1024, 8, 2),
                 (16, 1024, 8, 2), (32, 512, 8, 2), (64, 128, 8, 2), (64, 256, 8, 2), (32, 256, 4, 2),
-                (16, 512, 4, 2), (32, 512, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2), (32, 128, 2, 2), (16, 256, 2, 2),
             ]
         ]
-        # the chosen configurations are kept in Triton's cache directory: later processes skip the tuning
-        import inspect
-
-        cached = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
         # autotuning runs the kernel several times: the conv state it updates is put back after each trial
-        norm_in_proj_conv = triton.autotune(configs, key=["N", "K"], restore_value=["conv_state_ptr"], **cached)(
+        norm_in_proj_conv = triton.autotune(configs, key=["N", "K"], restore_value=["conv_state_ptr"])(
             norm_in_proj_conv
         )
         split_configs = [
@@ -431,11 +426,9 @@ def _fused_kernels(autotune: bool = True):
                 (4, 512, 4, 4, 1), (8, 512, 4, 3, 1), (16, 256, 4, 4, 1), (8, 256, 4, 4, 2), (8, 512, 4, 3, 2),
                 (16, 256, 4, 4, 2), (16, 512, 8, 3, 2), (32, 256, 8, 3, 2), (8, 256, 4, 4, 4), (16, 256, 4, 4, 4),
                 (32, 128, 4, 4, 4), (32, 512, 8, 2, 2), (64, 128, 8, 2, 2), (16, 512, 8, 2, 4), (32, 256, 8, 2, 4),
-                (2, 1024, 4, 2, 1), (4, 1024, 4, 2, 1), (4, 512, 2, 2, 1), (2, 512, 2, 2, 1), (4, 512, 4, 2, 2),
-                (8, 512, 8, 2, 1), (4, 256, 2, 2, 2),
             ]
         ]
-        gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"], **cached)(gated_norm_out_proj)
+        gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"])(gated_norm_out_proj)
     return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj)
 
 
