@@ -626,6 +626,21 @@ def make_block_step(language_model, kernels: tuple | None = None):
     return block_step
 
 
+def reads_plain_weights(model) -> bool:
+    """Whether the decode step's per-layer functions, which read each layer's weight tensors directly, compute what
+    the model's modules compute: true when the LM's projections, convolutions and norms and the LM head are the plain
+    torch / transformers modules. False once PEFT wraps a layer with an unmerged adapter (its `.weight` is the base
+    weight), or a quantisation library replaces a Linear: `generate()` then takes transformers' own path."""
+    lm = model.model.language_model
+    plain = [(model.lm_head, torch.nn.Linear), (lm.norm_f, modeling_mamba2.Mamba2RMSNorm)]
+    for layer in lm.layers:
+        mixer = layer.mixer
+        plain += [(layer.norm, modeling_mamba2.Mamba2RMSNorm), (mixer.in_proj, torch.nn.Linear),
+                  (mixer.conv1d, torch.nn.Conv1d), (mixer.norm, modeling_mamba2.MambaRMSNormGated),
+                  (mixer.out_proj, torch.nn.Linear)]
+    return all(type(module) is cls for module, cls in plain)
+
+
 # ---- generate()'s stop check without a host-device round trip per token ---------------------------------------------
 def allow_deferred_stop_checks() -> bool:
     """Let `generate()` defer its per-token stop check by one step for the fast path's caches.
@@ -809,8 +824,12 @@ class DecodeGraphRunner:
         """The batch-1 layer as three Triton kernels (`make_fused_block_step`), or None where there are none."""
         if self._fused is None:
             # MLMAMBA_FUSED_DECODE=0: batch 1 runs the compiled layer as the other batch sizes do
-            enabled = os.environ.get("MLMAMBA_FUSED_DECODE", "1") != "0"
-            self._fused = (enabled and make_fused_block_step(self.model.model.language_model)) or False
+            lm = self.model.model.language_model
+            enabled = os.environ.get("MLMAMBA_FUSED_DECODE", "1") != "0" and all(  # the kernels stream weight rows
+                w.stride(-1) == 1 and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for layer in lm.layers for w in (layer.mixer.in_proj.weight, layer.mixer.out_proj.weight)
+            )
+            self._fused = (enabled and make_fused_block_step(lm)) or False
         return self._fused or None
 
     def _step(self, input_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:

@@ -212,3 +212,19 @@ def test_shape_graphs_capture_a_shape_at_its_second_sight_and_keep_the_most_rece
 
     failing = Failing(lambda x: (x,))
     assert [failing(a), failing(a), failing(a)] == [None, None, None] and failing.failed == {ShapeGraphs.key((a,))}
+
+
+def test_fast_path_is_skipped_when_a_layer_is_not_the_plain_module():
+    """The decode step reads each layer's weight tensors directly; with an unmerged PEFT adapter on in_proj (whose
+    `.weight` is the base weight) it would decode the base model, so `generate()` must take transformers' path. After
+    merging, the plain modules are back and so is the fast path."""
+    from peft import LoraConfig, get_peft_model
+
+    from modeling_mlmamba.generation_mlmamba import reads_plain_weights
+
+    model = tiny_model(seed=23)
+    assert reads_plain_weights(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj"]))
+    assert not reads_plain_weights(peft_model.base_model.model)
+    merged = peft_model.merge_and_unload()
+    assert reads_plain_weights(merged)

@@ -35,7 +35,7 @@ from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated, causal
 from transformers.utils import ModelOutput
 
 from .configuration_mlmamba import MLMambaConfig
-from .generation_mlmamba import DecodeGraphRunner
+from .generation_mlmamba import DecodeGraphRunner, reads_plain_weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,6 +557,8 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
 
     def _decode_graph_runner(self) -> DecodeGraphRunner | None:
         if not (self.use_decode_graphs and self.device.type == "cuda" and not self.training):
+            return None
+        if not reads_plain_weights(self):  # e.g. an unmerged PEFT adapter: the step would read the base weights
             return None
         if getattr(self, "_decode_graphs", None) is None:
             self._decode_graphs = DecodeGraphRunner(self, MLMambaCausalLMOutput)
