@@ -201,10 +201,11 @@ def decode_gemv(namespace: str = "mlmamba"):
                     if x.numel() != k or weight.stride(1) != 1:  # not one row, or a weight view it cannot stream
                         return F.linear(x, weight, bias)
                     out = x.new_empty(*x.shape[:-1], n)
-                    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-                        x.contiguous(), weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-                        HAS_BIAS=bias is not None,
-                    )
+                    with torch.cuda.device(x.device):  # Triton launches on the current device
+                        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+                            x.contiguous(), weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+                            HAS_BIAS=bias is not None,
+                        )
                     return out
 
                 @gemv.register_fake
@@ -501,6 +502,13 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 f"state as long as the conv kernel, {conv_w.shape[-1]}); got residual {tuple(residual.shape)}, "
                 f"conv state {tuple(conv_state.shape)}"
             )
+        with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():  # Triton launches there
+            return _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log,
+                           D, gated_w, out_w, out_b)
+
+    def _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
+                gated_w, out_w, out_b):
+        batch = residual.shape[0]
         n_in, k_in = in_w.shape
         res_out = torch.empty_like(residual)
         projected = out.new_empty(batch, 1, n_in)
