@@ -7,6 +7,8 @@ are tested in test_gpu_fast_path.py.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from tests.tiny import image_prompt_ids, tiny_model, tiny_text_config
@@ -22,6 +24,13 @@ from modeling_mlmamba.generation_mlmamba import (
     register_kernel_ops,
 )
 from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
+
+# transformers' Mamba-2 functions dispatch to mamba_ssm's / causal_conv1d's CUDA kernels whenever those are installed,
+# CPU tensors included: these CPU tests of the torch path run where they are not (the GPU path has its own tests)
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mamba_ssm") is not None or importlib.util.find_spec("causal_conv1d") is not None,
+    reason="CPU tests of the torch path; mamba_ssm / causal_conv1d would take CPU tensors to their CUDA kernels",
+)
 
 
 def _prefilled(model, runner_cache_batch=2):
