@@ -1,7 +1,9 @@
 """The batch-1 fused decode layer (three Triton kernels, generation_mlmamba.py) against the torch layer function.
 
-Reference: `make_block_step` with transformers' torch functions (itself tested against transformers' `Mamba2Model`
-token by token in test_decode_step.py): same inputs, same states, several tokens in a row. Runs on a CUDA GPU with
+Reference: `make_block_step` with transformers' Mamba-2 conv / state-update functions (its torch reference on CPU;
+on a GPU with mamba_ssm and causal_conv1d installed, transformers dispatches them to those kernels), itself tested
+against transformers' `Mamba2Model` token by token in test_decode_step.py: same inputs, same states, several tokens
+in a row. Runs on a CUDA GPU with
 Triton; on CPU only under Triton's interpreter (`TRITON_INTERPRET=1`, with Triton and numpy < 2 installed: not part of
 the CPU test run, whose environment has neither), unautotuned with small blocks so that every loop and mask is used.
 """
