@@ -41,7 +41,8 @@ def parse_args():
     p.add_argument("--batches", default="1,8,64", help="decode batch sizes")
     p.add_argument("--variants", default="fp32-unfused,fp32,bf16",
                    help="comma-separated: fp32 / bf16 state, with -unfused (batch 1 runs the compiled layer, not the "
-                        "three fused kernels), -nopdl (fused kernels launched one after the other), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
+                        "three fused kernels), -nopdl (fused kernels launched one after the other), -rows (the fused "
+                        "layer up to batch 16), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
     return p.parse_args()
 
 
@@ -149,6 +150,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
         generation_mlmamba._GEMV[:] = [None if "cublas" in variant else gemv]
         os.environ["MLMAMBA_FUSED_DECODE"] = "0" if "unfused" in variant else "1"  # read by each new runner
         os.environ["MLMAMBA_PDL"] = "0" if "nopdl" in variant else "1"
+        os.environ["MLMAMBA_FUSED_DECODE_MAX_BATCH"] = "16" if "rows" in variant else "1"
         model.config.ssm_state_dtype = "bfloat16" if "bf16" in variant else "float32"
         config = CompileConfig(mode="max-autotune") if "max-autotune" in variant else CompileConfig()
         model._decode_graphs = None
@@ -169,6 +171,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     generation_mlmamba._GEMV[:] = [gemv]
     os.environ.pop("MLMAMBA_FUSED_DECODE", None)
     os.environ.pop("MLMAMBA_PDL", None)
+    os.environ.pop("MLMAMBA_FUSED_DECODE_MAX_BATCH", None)
     model.config.ssm_state_dtype = "float32"
 
 

@@ -230,6 +230,7 @@ def decode_gemv(namespace: str = "mlmamba"):
 # The arithmetic, roundings included, is `make_block_step`'s (transformers' Mamba2Block on one token).
 _FUSED: list = []  # [(triton, kernels) or None], resolved on first use
 _SSM_BLOCK_P = 16  # head-dim rows per program of the SSM update (sets how its sums of squares are laid out)
+FUSED_MAX_ROWS = 16  # the fused layer's largest batch: one 16-row tile of the products
 
 
 def _fused_kernels(autotune: bool = True):
@@ -408,6 +409,143 @@ def _fused_kernels(autotune: bool = True):
                 out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
+    # ---- a few rows (batch 2-16): the same three steps with the products on tensor cores (tl.dot over a 16-row
+    # tile), each weight tile read once for all rows; the SSM kernel above already takes any batch
+    @triton.jit
+    def norm_in_proj_conv_rows(
+        res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+        M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
+        eps, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr, D_CONV: tl.constexpr,
+        BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        dtype = norm_w_ptr.dtype.element_ty
+        m = tl.arange(0, BLOCK_M)
+        m_mask = m < M
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        # weight tiles as (columns, rows): the products are x (rows of the batch × columns) @ tile
+        w = tl.load(w_ptr + rows[None, :] * stride_wn + kk[:, None], mask=(kk < K)[:, None] & row_mask[None, :],
+                    other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + kk
+            following = cols + BLOCK_K
+            w_next = tl.load(w_ptr + rows[None, :] * stride_wn + following[:, None],
+                             mask=(following < K)[:, None] & row_mask[None, :], other=0.0,
+                             eviction_policy="evict_first")
+            x_mask = m_mask[:, None] & (cols < K)[None, :]
+            h = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            h += tl.load(prev_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
+            h = h.to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & (pid == 0))
+            x = h.to(dtype).to(tl.float32)
+            squares += x * x
+            x = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :] * x
+            if IEEE:
+                acc = tl.dot(x.to(w.dtype), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(w.dtype), w, acc)
+            w = w_next
+        val = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+        if HAS_BIAS:
+            val += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+        val = val.to(out_ptr.dtype.element_ty).to(tl.float32)
+        # the conv update of the xBC channels, per row of the batch
+        c = rows - conv_start
+        is_conv = row_mask & (c >= 0) & (c < conv_dim)
+        j = tl.arange(0, BLOCK_C)
+        conv_mask = m_mask[:, None, None] & is_conv[None, :, None] & (j < D_CONV)[None, None, :]
+        base = conv_state_ptr + m[:, None, None] * stride_cs_b + c[None, :, None] * stride_cs_c
+        shifted = tl.load(base + (j + 1)[None, None, :] * stride_cs_k,
+                          mask=conv_mask & (j + 1 < D_CONV)[None, None, :], other=0.0)
+        state_dtype = conv_state_ptr.dtype.element_ty
+        window = tl.where((j == D_CONV - 1)[None, None, :], val.to(state_dtype)[:, :, None], shifted)
+        tl.store(base + j[None, None, :] * stride_cs_k, window, mask=conv_mask)
+        conv_w = tl.load(conv_w_ptr + c[:, None] * stride_cw_c + j[None, :] * stride_cw_k,
+                         mask=is_conv[:, None] & (j < D_CONV)[None, :], other=0.0).to(tl.float32)
+        conv = tl.sum(window.to(tl.float32) * conv_w[None, :, :], axis=2)
+        if HAS_CONV_BIAS:
+            conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
+        if SILU:
+            conv = conv * tl.sigmoid(conv)
+        val = tl.where(is_conv[None, :], conv, val)
+        tl.store(out_ptr + m[:, None] * N + rows[None, :], val.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & row_mask[None, :])
+
+    @triton.jit
+    def gated_norm_out_proj_rows(
+        u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, M, N, K, stride_wn, n_parts, parts_per_group,
+        group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
+        IEEE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        m = tl.arange(0, BLOCK_M)
+        m_mask = m < M
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        kk = tl.arange(0, BLOCK_K)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_end = tl.minimum((pid_k + 1) * k_len, K)
+        first = pid_k * k_len + kk
+        w = tl.load(w_ptr + rows[None, :] * stride_wn + first[:, None],
+                    mask=(first < k_end)[:, None] & row_mask[None, :], other=0.0, eviction_policy="evict_first")
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        # each row's mean square per group, from the SSM kernel's per-block sums
+        i = tl.arange(0, BLOCK_PARTS)
+        parts = tl.load(part_ptr + m[:, None] * n_parts + i[None, :], mask=m_mask[:, None] & (i < n_parts)[None, :],
+                        other=0.0)
+        g = tl.arange(0, BLOCK_G)
+        in_group = (i // parts_per_group)[:, None] == g[None, :]
+        inv = tl.rsqrt(tl.sum(tl.where(in_group[None, :, :], parts[:, :, None], 0.0), axis=1) / group_size + eps)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
+            cols = k0 + kk
+            following = cols + BLOCK_K
+            w_next = tl.load(w_ptr + rows[None, :] * stride_wn + following[:, None],
+                             mask=(following < k_end)[:, None] & row_mask[None, :], other=0.0,
+                             eviction_policy="evict_first")
+            u = tl.load(u_ptr + m[:, None] * K + cols[None, :], mask=m_mask[:, None] & (cols < K)[None, :],
+                        other=0.0).to(tl.float32)
+            if BLOCK_G > 1:
+                in_col_group = (cols // group_size)[None, :, None] == g[None, None, :]
+                u *= tl.sum(tl.where(in_col_group, inv[:, None, :], 0.0), axis=2)
+            if IEEE:
+                acc = tl.dot(u.to(w.dtype), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(u.to(w.dtype), w, acc)
+            w = w_next
+        out = acc
+        if BLOCK_G == 1:
+            out *= tl.sum(inv, axis=1)[:, None]
+        out_mask = m_mask[:, None] & row_mask[None, :]
+        if SPLIT_K > 1:  # as in gated_norm_out_proj: the last program of a row block adds the partial sums in order
+            tl.store(split_ptr + pid_k * M * N + m[:, None] * N + rows[None, :], out, mask=out_mask)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):
+                    out += tl.load(split_ptr + split * M * N + m[:, None] * N + rows[None, :], mask=out_mask,
+                                   other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + m[:, None] * N + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
+        else:
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + m[:, None] * N + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
     if autotune:
         configs = [
             triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
@@ -430,7 +568,23 @@ def _fused_kernels(autotune: bool = True):
             ]
         ]
         gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"])(gated_norm_out_proj)
-    return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj)
+        row_configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for n, k, w, st in [
+                (16, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (32, 256, 4, 2), (128, 64, 8, 2),
+                (64, 256, 8, 2), (16, 256, 4, 2),
+            ]
+        ]
+        norm_in_proj_conv_rows = triton.autotune(row_configs, key=["M", "N", "K"], restore_value=["conv_state_ptr"])(
+            norm_in_proj_conv_rows
+        )
+        row_split_configs = [
+            triton.Config({**c.kwargs, "SPLIT_K": split}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in row_configs for split in (1, 2)
+        ]
+        gated_norm_out_proj_rows = triton.autotune(row_split_configs, key=["M", "N", "K"])(gated_norm_out_proj_rows)
+    return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj, norm_in_proj_conv_rows,
+                    gated_norm_out_proj_rows)
 
 
 def fused_kernels():
@@ -465,14 +619,16 @@ def _programmatic_launch_supported(triton) -> bool:
 
 
 def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None = None):
-    """`make_block_step`'s function (same arguments, same results, states updated in place) for batch 1 as three
-    Triton kernels (see above); None when `fused_kernels()` finds none. `kernels` and `block_sizes` (BLOCK_N, BLOCK_K
+    """`make_block_step`'s function (same arguments, same results, states updated in place) as three Triton kernels
+    (see above) for up to `FUSED_MAX_ROWS` sequences: matrix-vector kernels for one, tensor-core tiles of 16 rows for
+    more; None when `fused_kernels()` finds none. `kernels` and `block_sizes` (BLOCK_N, BLOCK_K
     for both products, SPLIT_K for out_proj) are for running unautotuned kernels (tests under Triton's
     interpreter)."""
     found = fused_kernels() if kernels is None else kernels
     if found is None:
         return None
-    triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj) = found
+    triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj, norm_in_proj_conv_rows,
+             gated_norm_out_proj_rows) = found
     s = _block_shape(language_model)
     meta = dict(block_sizes or {})
     in_meta = {k: v for k, v in meta.items() if k != "SPLIT_K"}
@@ -496,11 +652,15 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
                    gated_w, out_w, out_b):
         batch = residual.shape[0]
-        if batch != 1 or residual.numel() != in_w.shape[1] or conv_state.shape[-1] != conv_w.shape[-1]:
+        if (
+            not 1 <= batch <= FUSED_MAX_ROWS
+            or residual.shape[1:] != (1, in_w.shape[1])
+            or conv_state.shape[-1] != conv_w.shape[-1]
+        ):
             raise ValueError(
-                f"the fused decode layer takes one token of one sequence (residual of {in_w.shape[1]} values, conv "
-                f"state as long as the conv kernel, {conv_w.shape[-1]}); got residual {tuple(residual.shape)}, "
-                f"conv state {tuple(conv_state.shape)}"
+                f"the fused decode layer takes one token of 1 to {FUSED_MAX_ROWS} sequences (residual (batch, 1, "
+                f"{in_w.shape[1]}), conv state as long as the conv kernel, {conv_w.shape[-1]}); got residual "
+                f"{tuple(residual.shape)}, conv state {tuple(conv_state.shape)}"
             )
         with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():  # Triton launches there
             return _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log,
@@ -509,18 +669,29 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     def _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
                 gated_w, out_w, out_b):
         batch = residual.shape[0]
+        residual, out = residual.contiguous(), out.contiguous()
         n_in, k_in = in_w.shape
         res_out = torch.empty_like(residual)
         projected = out.new_empty(batch, 1, n_in)
         conv_w2 = conv_w.view(conv_w.shape[0], conv_w.shape[-1])
-        norm_in_proj_conv[grid(n_in)](
-            residual, out, norm_w, res_out, in_w, in_b if in_b is not None else in_w, projected,
-            conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
-            n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
-            conv_w2.stride(0), conv_w2.stride(1), s.norm_eps,
-            HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, SILU=s.activation in ("silu", "swish"),
-            D_CONV=conv_w.shape[-1], BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **pdl, **in_meta,
-        )
+        conv_args = dict(HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None,
+                         SILU=s.activation in ("silu", "swish"), D_CONV=conv_w.shape[-1],
+                         BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **pdl, **in_meta)
+        if batch == 1:
+            norm_in_proj_conv[grid(n_in)](
+                residual, out, norm_w, res_out, in_w, in_b if in_b is not None else in_w, projected,
+                conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
+                n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
+                conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
+            )
+        else:
+            norm_in_proj_conv_rows[grid(n_in)](
+                residual, out, norm_w, res_out, in_w, in_b if in_b is not None else in_w, projected,
+                conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
+                batch, n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, *conv_state.stride(),
+                conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, IEEE=in_w.dtype == torch.float32,
+                BLOCK_M=FUSED_MAX_ROWS, **conv_args,
+            )
         gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
@@ -535,13 +706,20 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         count = counters.get(out.device)
         if count is None or count.numel() < n_out:
             count = counters[out.device] = torch.zeros(n_out, device=out.device, dtype=torch.int32)
-        split = torch.empty(max_split, n_out, device=out.device, dtype=torch.float32)
-        gated_norm_out_proj[grid(n_out)](
-            gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
-            out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
-            HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
-            BLOCK_PARTS=triton.next_power_of_2(n_parts), **pdl, **out_meta,
-        )
+        split = torch.empty(max_split, batch, n_out, device=out.device, dtype=torch.float32)
+        norm_args = dict(HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
+                         BLOCK_PARTS=triton.next_power_of_2(n_parts), **pdl, **out_meta)
+        if batch == 1:
+            gated_norm_out_proj[grid(n_out)](
+                gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
+                out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps, **norm_args,
+            )
+        else:
+            gated_norm_out_proj_rows[grid(n_out)](
+                gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, batch, n_out,
+                k_out, out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
+                IEEE=out_w.dtype == torch.float32, BLOCK_M=FUSED_MAX_ROWS, **norm_args,
+            )
         return res_out, new_out
 
     return block_step
@@ -795,7 +973,10 @@ class DecodeGraphRunner:
         self.fullgraph = True  # one graph per layer; set to False when that fails, keeping graph breaks
         self.failed_modes: set[str] = set()  # compile modes that failed here: not tried again
         self._block = None
-        self._fused = None  # the batch-1 fused layer: unresolved (None), absent (False) or the function
+        self._fused = None  # the fused layer: unresolved (None), absent (False) or the function
+        # the largest batch that takes the fused layer: 1 by default (measured); up to FUSED_MAX_ROWS with
+        # MLMAMBA_FUSED_DECODE_MAX_BATCH (its tensor-core kernels for 2-16 rows are tested, not yet benchmarked)
+        self.fused_max_batch = min(int(os.environ.get("MLMAMBA_FUSED_DECODE_MAX_BATCH", "1")), FUSED_MAX_ROWS)
         # prefill: the LM's prompt pass and the towers + connector, each captured per input shape (see ShapeGraphs)
         self.prefill_graphs = ShapeGraphs(
             self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=4
@@ -829,9 +1010,9 @@ class DecodeGraphRunner:
         return self._block
 
     def _fused_fn(self):
-        """The batch-1 layer as three Triton kernels (`make_fused_block_step`), or None where there are none."""
+        """The layer as three Triton kernels (`make_fused_block_step`), or None where there are none."""
         if self._fused is None:
-            # MLMAMBA_FUSED_DECODE=0: batch 1 runs the compiled layer as the other batch sizes do
+            # MLMAMBA_FUSED_DECODE=0: every batch size runs the compiled layer
             lm = self.model.model.language_model
             enabled = os.environ.get("MLMAMBA_FUSED_DECODE", "1") != "0" and all(  # the kernels stream weight rows
                 w.stride(-1) == 1 and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -848,7 +1029,7 @@ class DecodeGraphRunner:
         model's forward does for placeholders without pixel values."""
         model, lm = self.model, self.model.model.language_model
         batch_size = input_ids.shape[0]
-        block = (self._fused_fn() if batch_size == 1 else None) or self._block_fn()
+        block = (self._fused_fn() if batch_size <= self.fused_max_batch else None) or self._block_fn()
         input_ids = input_ids.masked_fill(input_ids == model.config.image_token_id, 0)
         hidden = lm.embeddings(input_ids)
         residual = hidden.float() if lm.config.residual_in_fp32 else hidden

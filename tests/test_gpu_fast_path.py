@@ -93,6 +93,23 @@ def test_batch_one_fused_and_compiled_layers_decode_the_same(monkeypatch):
 
 
 @torch.no_grad()
+def test_fused_layer_for_a_few_rows_decodes_like_the_plain_path(monkeypatch):
+    """MLMAMBA_FUSED_DECODE_MAX_BATCH=16: batch 3 takes the fused layer's tensor-core kernels (16-row tiles)."""
+    from modeling_mlmamba.generation_mlmamba import fused_kernels
+
+    if fused_kernels() is None:
+        pytest.skip("no Triton here")
+    monkeypatch.setenv("MLMAMBA_FUSED_DECODE_MAX_BATCH", "16")
+    model = small_gpu_model()
+    inputs = prompt(model, 3)
+    reference = greedy(model, inputs)
+    fast = greedy(model, inputs, cache_implementation="static")
+    assert model._decode_graphs.fused_max_batch == 16 and model._decode_graphs._fused
+    mismatch = (fast != reference).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch at (row, position) {mismatch[0].tolist()}"
+
+
+@torch.no_grad()
 def test_fast_path_cache_and_graph_are_reused_across_calls():
     model = small_gpu_model()
     inputs = prompt(model, 2)
