@@ -217,17 +217,26 @@ def decode_gemv(namespace: str = "mlmamba"):
     return op
 
 
-# ---- batch 1: one layer in three kernels ------------------------------------------------------------------------
+# ---- one layer in three kernels ------------------------------------------------------------------------------------
 # At batch 1 the compiled step still runs ~7 kernels per layer (add + RMSNorm, in_proj, conv update, A = -exp(A_log),
 # SSM update, gated RMSNorm, out_proj): ~13 µs per layer besides the two matrix-vector products, and each kernel
 # boundary inside the CUDA graph costs another ~1 µs. Here a layer is three Triton kernels:
-#   1. `norm_in_proj_conv`: residual add + RMSNorm as the prologue of in_proj's matrix-vector product (each program
-#      recomputes the 2.5k-element norm from L2), the conv update of the xBC channels as its epilogue (each channel
-#      belongs to one program: its conv state is shifted and written there);
+#   1. `norm_in_proj_conv`: residual add + RMSNorm folded into in_proj's matrix-vector product, the conv update of
+#      the xBC channels as its epilogue (each channel belongs to one program: its conv state is shifted there);
 #   2. `ssm_step_gate`: the SSM state update (softplus(dt + dt_bias), A = -exp(A_log)), D skip, the gate y·silu(z),
-#      and per-block sums of squares of the gated output for the next kernel's norm; any batch size;
-#   3. `gated_norm_out_proj`: the gated RMSNorm (per group, from those sums) as the prologue of out_proj's product.
-# The arithmetic, roundings included, is `make_block_step`'s (transformers' Mamba2Block on one token).
+#      the gated norm's weight, and per-block sums of squares of the gated output for the next kernel's norm;
+#   3. `gated_norm_out_proj`: the gated RMSNorm's scale (per group, from those sums) folded into out_proj's product
+#      (split over K when faster, the partial sums added in a fixed order by the last program of a row block).
+# An RMSNorm's scale r is one number per row (per group): W (w ∘ x · r) = r · W (w ∘ x), so both products run on the
+# unscaled input while its mean square is summed in the same pass, and multiply by r at the end; the norms cost no
+# pass and no kernel of their own. Each kernel reads its first weight tile (the SSM kernel: its state) before waiting
+# for the previous kernel (`griddepcontrol.wait`) and, on Hopper, is launched with programmatic dependent launch, so
+# consecutive kernels overlap. The arithmetic is `make_block_step`'s (transformers' Mamba2Block on one token); in
+# bfloat16 the roundings differ (in_proj's normalised input is not rounded before the product, the gated output is
+# rounded once after its norm weight), in float32 only the order of the sums does.
+# `norm_in_proj_conv_rows` / `gated_norm_out_proj_rows` are the products for 2-16 sequences (tensor-core tiles of 16
+# rows, each weight tile read once for all rows); `ssm_step_gate` takes any batch. They are opt-in
+# (MLMAMBA_FUSED_DECODE_MAX_BATCH): on an H100 they are slower than the compiled layer at batch 8 as they stand.
 _FUSED: list = []  # [(triton, kernels) or None], resolved on first use
 _SSM_BLOCK_P = 16  # head-dim rows per program of the SSM update (sets how its sums of squares are laid out)
 FUSED_MAX_ROWS = 16  # the fused layer's largest batch: one 16-row tile of the products
