@@ -6,6 +6,11 @@
                    the whole LM prefill with the fast path's cache: where the prefill's host time goes.
   --part gemv      batch-1 matrix-vector products: cuBLAS against the Triton kernel of the decode step.
   --part kernels   the kernels of one compiled decode step at batch 1, by GPU time.
+  --part sweep     launch configurations of the fused layer's two products, each timed in the captured step (all
+                   64 layers in one CUDA graph, as generate() replays it): matrix-vector kernels at batch 1, the
+                   16-row tensor-core kernels (weight as the wide operand or not: SWAP_AB) at the --batches above 1,
+                   for the SSM state dtypes of --state-dtypes; one product's candidates with the other fixed, then
+                   the other's with the first's best. Prints TUNED_CONFIGS entries for generation_mlmamba.py.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
                    SSM state in float32 or bfloat16, batch 1 as three fused Triton kernels per layer or as the
                    compiled layer, causal_conv1d's kernel or inductor's code for the conv update, inductor's default
@@ -43,6 +48,7 @@ def parse_args():
                    help="comma-separated: fp32 / bf16 state, with -unfused (batch 1 runs the compiled layer, not the "
                         "three fused kernels), -nopdl (fused kernels launched one after the other), -rows (the fused "
                         "layer up to batch 16), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
+    p.add_argument("--state-dtypes", default="float32,bfloat16", help="SSM state dtypes of --part sweep")
     return p.parse_args()
 
 
@@ -203,12 +209,116 @@ def step_kernels(model, batch: int = 1):
                              for c, t in getattr(kernel, "configs_timings", {}).items())
             for t, c in timings[:6]:  # the autotuner's own timings (one kernel at a time, L2 flushed)
                 print(f"    {t * 1e3:8.1f} µs  {c}")
-            timings = sorted((t[0] if isinstance(t, (list, tuple)) else t, str(c))
-                             for c, t in getattr(kernel, "configs_timings", {}).items())
-            for t, c in timings[:6]:
-                print(f"    {t * 1e3:8.1f} µs  {c}")
     print(f"\n===== kernels of one decode step, batch {batch} (64 layers)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+
+
+# candidates of --part sweep: (BLOCK_N, BLOCK_K, num_warps[, SPLIT_K][, SWAP_AB])
+MATVEC_IN = [(16, 256, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 128, 8), (64, 256, 8), (16, 512, 4),
+             (16, 512, 8), (32, 512, 8), (8, 512, 4), (8, 1024, 8), (128, 64, 8), (32, 128, 4), (64, 64, 4)]
+MATVEC_OUT = [(4, 512, 4, 1), (8, 512, 4, 1), (8, 256, 4, 1), (16, 256, 4, 1), (8, 512, 4, 2), (16, 256, 4, 2),
+              (16, 512, 8, 2), (32, 256, 8, 2), (16, 256, 4, 4), (32, 256, 8, 4), (32, 128, 4, 4), (64, 128, 8, 4),
+              (8, 1024, 8, 1), (4, 1024, 4, 1)]
+ROWS_IN = [(n, k, w, swap) for swap in (True, False) for n, k, w in
+           [(32, 128, 4), (64, 128, 4), (64, 256, 4), (128, 64, 4), (128, 128, 8), (64, 64, 4), (256, 64, 8),
+            (128, 256, 8)]]
+ROWS_OUT = [(n, k, w, split, swap) for swap in (True, False) for n, k, w, split in
+            [(32, 128, 4, 1), (64, 128, 4, 1), (64, 128, 4, 2), (32, 256, 4, 2), (64, 256, 8, 2), (128, 128, 8, 2),
+             (32, 128, 4, 4), (64, 128, 4, 4)]]
+
+
+def _config(candidate, product: str, rows: bool) -> dict:
+    n, k, w, *rest = candidate
+    config = dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=2)
+    if product == "out_proj":
+        config["SPLIT_K"] = rest.pop(0)
+    if rows:
+        config["SWAP_AB"] = rest.pop(0)
+    return config
+
+
+def _label(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+def sweep(model, batches: list[int], state_dtypes: list[str]):
+    """--part sweep (see the module's docstring)."""
+    lm = model.model.language_model
+    tc = lm.config
+    conv_dim = int(tc.expand * tc.hidden_size) + 2 * tc.n_groups * tc.state_size
+    raw = generation_mlmamba._fused_kernels(autotune=False)
+    weights = [(layer.norm.weight, layer.mixer.in_proj.weight, layer.mixer.in_proj.bias, layer.mixer.conv1d.weight,
+                layer.mixer.conv1d.bias, layer.mixer.dt_bias, layer.mixer.A_log, layer.mixer.D,
+                layer.mixer.norm.weight, layer.mixer.out_proj.weight, layer.mixer.out_proj.bias)
+               for layer in lm.layers]
+    in_w, out_w = lm.layers[0].mixer.in_proj.weight, lm.layers[0].mixer.out_proj.weight
+    capability = torch.cuda.get_device_capability()
+
+    def time_step(batch: int, state_dtype: torch.dtype, block_sizes: dict | None) -> float:
+        """ms per replay of the 64 fused layers captured in one graph (None: the autotuned production kernels)."""
+        if block_sizes is None:
+            block = generation_mlmamba.make_fused_block_step(lm)
+        else:
+            block = generation_mlmamba.make_fused_block_step(lm, kernels=raw, block_sizes=block_sizes)
+        convs = [torch.zeros(batch, conv_dim, tc.conv_kernel, device="cuda", dtype=torch.bfloat16) for _ in weights]
+        ssms = [torch.zeros(batch, tc.num_heads, tc.head_dim, tc.state_size, device="cuda", dtype=state_dtype)
+                for _ in weights]
+        residual = torch.randn(batch, 1, tc.hidden_size, device="cuda") * 0.1
+        out = torch.zeros(batch, 1, tc.hidden_size, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            r, o = residual, out
+            for w, conv, ssm in zip(weights, convs, ssms):
+                r, o = block(r, o, conv, ssm, *w)
+            return o
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # compiles (and autotunes) outside the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        times = sorted(replay_ms(graph, n=40, warmup=3) for _ in range(3))
+        del graph
+        return times[1]
+
+    tuned = {}
+    for batch in batches:
+        rows = batch > 1
+        kind = "rows" if rows else "matvec"
+        for dtype_name in state_dtypes:
+            state_dtype = getattr(torch, dtype_name)
+            print(f"\n===== sweep: batch {batch}, {dtype_name} state, ms per replay of the 64 fused layers", flush=True)
+            if not rows:
+                print(f"production kernels (TUNED_CONFIGS / autotuner): {time_step(batch, state_dtype, None):.3f}")
+            best = {"in_proj": _config(ROWS_IN[1] if rows else MATVEC_IN[1], "in_proj", rows),
+                    "out_proj": _config(ROWS_OUT[2] if rows else MATVEC_OUT[0], "out_proj", rows)}
+            for product, candidates in (("in_proj", ROWS_IN if rows else MATVEC_IN),
+                                        ("out_proj", ROWS_OUT if rows else MATVEC_OUT)):
+                results = []
+                for candidate in candidates:
+                    config = _config(candidate, product, rows)
+                    try:
+                        ms = time_step(batch, state_dtype, dict(best, **{product: config}))
+                    except Exception as error:  # e.g. out of shared memory for this tile
+                        print(f"  {product} {_label(config)}: failed ({type(error).__name__}: {str(error)[:120]})")
+                        continue
+                    results.append((ms, config))
+                    print(f"  {product} {_label(config)}: {ms:.3f}", flush=True)
+                results.sort(key=lambda r: r[0])
+                best[product] = results[0][1]
+                print(f"best {product}: {_label(best[product])} ({results[0][0]:.3f} ms; next "
+                      f"{', '.join(f'{ms:.3f}' for ms, _ in results[1:4])})", flush=True)
+            for product, weight in (("in_proj", in_w), ("out_proj", out_w)):
+                key = (capability, product, kind, *weight.shape, str(weight.dtype).removeprefix("torch."))
+                tuned.setdefault(key, {})[dtype_name] = best[product]
+    print("\n===== TUNED_CONFIGS candidates (per state dtype; the same entry serves both)")
+    for key, by_dtype in tuned.items():
+        for dtype_name, config in by_dtype.items():
+            print(f"    {key!r}: {config!r},  # {dtype_name} state")
 
 
 def gemv_bench(model):
@@ -251,6 +361,8 @@ def main():
         gemv_bench(model)
     if "kernels" in parts:
         step_kernels(model)
+    if "sweep" in parts:
+        sweep(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","))
     if "decode" in parts:
         decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","))
 

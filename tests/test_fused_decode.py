@@ -53,7 +53,10 @@ def _layer_inputs(lm, layer_index, dtype, device, generator, batch=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3], ids=["one-sequence", "three-sequences"])
+@pytest.mark.parametrize(
+    "batch, swap_ab", [(1, False), (3, False), (3, True)],
+    ids=["one-sequence", "three-sequences", "three-sequences-weight-as-wide-operand"],
+)
 @pytest.mark.parametrize("split_k", [1, 3], ids=["whole-rows", "split-k"])
 @pytest.mark.parametrize(
     "text_overrides",
@@ -61,7 +64,7 @@ def _layer_inputs(lm, layer_index, dtype, device, generator, batch=1):
     ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
 )
 @torch.no_grad()
-def test_fused_layer_steps_like_the_torch_layer(dtype, batch, split_k, text_overrides):
+def test_fused_layer_steps_like_the_torch_layer(dtype, batch, swap_ab, split_k, text_overrides):
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
@@ -72,12 +75,13 @@ def test_fused_layer_steps_like_the_torch_layer(dtype, batch, split_k, text_over
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p) * 0.1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    if ON_GPU and not INTERPRETED and split_k == 1:
+    if ON_GPU and not INTERPRETED and split_k == 1 and not swap_ab:
         fused = make_fused_block_step(lm)  # autotuned
     else:  # no autotuning, blocks smaller than the sizes so that the loops and masks run; out_proj's columns split
-        # in 3 (one share empty for the tiny model: it must add nothing)
+        # in 3 (one share empty for the tiny model: it must add nothing); the 16-row products with the weight tile
+        # as the tensor cores' first operand (SWAP_AB) or as the second
         fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False),
-                                      block_sizes=dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k))
+                                      block_sizes=dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k, SWAP_AB=swap_ab))
     assert fused is not None
     generator = torch.Generator().manual_seed(7)
     for layer_index in range(len(lm.layers)):
@@ -108,6 +112,29 @@ def test_fused_layer_refuses_a_batch_it_does_not_take():
               ssm_state.expand(17, -1, -1, -1), *weights)
     with pytest.raises(ValueError, match="one token of 1 to 16 sequences"):
         fused(residual.expand(1, 2, -1), out.expand(1, 2, -1), conv_state, ssm_state, *weights)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@torch.no_grad()
+def test_fused_layer_takes_a_configuration_per_product(batch):
+    """block_sizes={"in_proj": {...}, "out_proj": {...}}: each product launched with its own meta-parameters (as
+    TUNED_CONFIGS does), against the torch layer; a dict naming anything else is refused."""
+    device = "cuda" if ON_GPU else "cpu"
+    model = tiny_model(seed=9).to(device)
+    lm = model.model.language_model
+    reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    configs = {"in_proj": dict(BLOCK_N=32, BLOCK_K=16, SWAP_AB=True, num_warps=4),
+               "out_proj": dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, num_warps=2)}
+    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
+    weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, torch.float32, device,
+                                                                  torch.Generator().manual_seed(3), batch)
+    states = [(conv_state.clone(), ssm_state.clone()) for _ in range(2)]
+    expected = reference(residual, out, *states[0], *weights)
+    got = fused(residual, out, *states[1], *weights)
+    for a, b in zip(got + states[1], expected + states[0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'in_proj' and 'out_proj'"):
+        make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes={"in_proj": configs["in_proj"]})
 
 
 @torch.no_grad()
