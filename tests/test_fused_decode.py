@@ -114,17 +114,19 @@ def test_fused_layer_refuses_a_batch_it_does_not_take():
         fused(residual.expand(1, 2, -1), out.expand(1, 2, -1), conv_state, ssm_state, *weights)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["next-tile-in-flight", "software-pipelined"])
 @pytest.mark.parametrize("batch", [1, 2])
 @torch.no_grad()
-def test_fused_layer_takes_a_configuration_per_product(batch):
+def test_fused_layer_takes_a_configuration_per_product(batch, prefetch):
     """block_sizes={"in_proj": {...}, "out_proj": {...}}: each product launched with its own meta-parameters (as
-    TUNED_CONFIGS does), against the torch layer; a dict naming anything else is refused."""
+    TUNED_CONFIGS does), with the next weight tile loaded by the kernel or left to Triton's pipelining, against the
+    torch layer; a dict naming anything else is refused."""
     device = "cuda" if ON_GPU else "cpu"
     model = tiny_model(seed=9).to(device)
     lm = model.model.language_model
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    configs = {"in_proj": dict(BLOCK_N=32, BLOCK_K=16, SWAP_AB=True, num_warps=4),
-               "out_proj": dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, num_warps=2)}
+    configs = {"in_proj": dict(BLOCK_N=32, BLOCK_K=16, SWAP_AB=True, PREFETCH=prefetch, num_warps=4, num_stages=3),
+               "out_proj": dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, PREFETCH=prefetch, num_warps=2)}
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
     weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, torch.float32, device,
                                                                   torch.Generator().manual_seed(3), batch)
