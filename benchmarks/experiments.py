@@ -220,25 +220,22 @@ def _candidates(rows: list[tuple], **fixed) -> list[dict]:
     return [dict(zip(names, row), **fixed) for row in rows]
 
 
-MATVEC_IN = _candidates([(16, 256, 4), (32, 256, 4), (32, 256, 8), (64, 128, 4), (64, 128, 8), (16, 512, 4),
-                         (32, 512, 8), (8, 512, 4), (32, 128, 4), (16, 256, 2), (32, 128, 2), (8, 512, 2)],
-                        num_stages=2)
-MATVEC_OUT = _candidates([(4, 512, 4, 1), (8, 512, 4, 1), (8, 512, 4, 2), (16, 256, 4, 2), (32, 256, 8, 2),
-                          (16, 256, 4, 4), (32, 128, 4, 4), (8, 1024, 8, 1), (4, 1024, 4, 1), (4, 1024, 8, 1),
-                          (8, 1024, 4, 1), (4, 2048, 4, 1), (4, 1024, 2, 1), (2, 1024, 2, 1), (4, 512, 4, 2)],
-                         num_stages=2, names=("SPLIT_K",))
+MATVEC_IN = _candidates([(32, 256, 4), (16, 256, 4), (64, 128, 8), (16, 512, 4), (8, 512, 4), (32, 128, 4),
+                         (16, 256, 2), (32, 128, 2)], num_stages=2)
+MATVEC_OUT = _candidates([(4, 1024, 4, 1), (4, 512, 4, 1), (8, 512, 4, 1), (8, 512, 4, 2), (16, 256, 4, 4),
+                          (8, 1024, 8, 1), (4, 1024, 8, 1), (8, 1024, 4, 1), (4, 2048, 4, 1), (2, 2048, 4, 1),
+                          (4, 1024, 2, 1), (2, 1024, 2, 1)], num_stages=2, names=("SPLIT_K",))
 ROWS_IN = (
-    _candidates([(64, 128, 4), (64, 64, 4), (128, 128, 8), (128, 64, 4), (64, 256, 4)],
-                SWAP_AB=True, PREFETCH=True, num_stages=2)
-    + _candidates([(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 4), (64, 64, 4, 6), (128, 64, 4, 4),
-                   (128, 128, 8, 3), (128, 128, 4, 3), (64, 256, 4, 3), (128, 64, 8, 4)],
+    _candidates([(64, 128, 4)], SWAP_AB=True, PREFETCH=True, num_stages=2)
+    + _candidates([(64, 64, 4, 6), (64, 64, 4, 8), (64, 32, 4, 8), (64, 128, 4, 4), (64, 128, 4, 5),
+                   (128, 128, 8, 3), (128, 64, 8, 6), (128, 32, 4, 8), (64, 64, 8, 6), (32, 128, 4, 4)],
                   SWAP_AB=True, PREFETCH=False, names=("num_stages",))
 )
 ROWS_OUT = (
-    _candidates([(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 2), (64, 256, 8, 2)],
-                SWAP_AB=True, PREFETCH=True, num_stages=2, names=("SPLIT_K",))
-    + _candidates([(32, 128, 4, 4, 3), (32, 128, 4, 4, 4), (64, 128, 4, 4, 3), (64, 128, 4, 2, 4), (64, 64, 4, 4, 4),
-                   (64, 128, 4, 1, 4), (128, 64, 4, 2, 4), (64, 256, 4, 2, 3), (32, 256, 4, 4, 3)],
+    _candidates([(32, 128, 4, 4)], SWAP_AB=True, PREFETCH=True, num_stages=2, names=("SPLIT_K",))
+    + _candidates([(64, 256, 4, 2, 3), (64, 256, 4, 2, 4), (64, 128, 4, 2, 5), (64, 128, 4, 4, 3),
+                   (128, 128, 8, 2, 3), (64, 256, 4, 1, 3), (64, 256, 8, 2, 3), (32, 256, 4, 2, 3),
+                   (64, 64, 4, 4, 6)],
                   SWAP_AB=True, PREFETCH=False, names=("SPLIT_K", "num_stages"))
 )
 
@@ -260,12 +257,15 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
     in_w, out_w = lm.layers[0].mixer.in_proj.weight, lm.layers[0].mixer.out_proj.weight
     capability = torch.cuda.get_device_capability()
 
-    def time_step(batch: int, state_dtype: torch.dtype, block_sizes: dict | None) -> float:
-        """ms per replay of the 64 fused layers captured in one graph (None: the autotuned production kernels)."""
+    def time_step(batch: int, state_dtype: torch.dtype, block_sizes: dict | None, early: bool = False) -> float:
+        """ms per replay of the 64 fused layers captured in one graph (None: the production kernels: TUNED_CONFIGS
+        or the autotuner); early: MLMAMBA_PDL_EARLY=1."""
+        os.environ["MLMAMBA_PDL_EARLY"] = "1" if early else "0"
         if block_sizes is None:
             block = generation_mlmamba.make_fused_block_step(lm)
         else:
             block = generation_mlmamba.make_fused_block_step(lm, kernels=raw, block_sizes=block_sizes)
+        os.environ.pop("MLMAMBA_PDL_EARLY")
         convs = [torch.zeros(batch, conv_dim, tc.conv_kernel, device="cuda", dtype=torch.bfloat16) for _ in weights]
         ssms = [torch.zeros(batch, tc.num_heads, tc.head_dim, tc.state_size, device="cuda", dtype=state_dtype)
                 for _ in weights]
@@ -298,8 +298,9 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
         for dtype_name in state_dtypes:
             state_dtype = getattr(torch, dtype_name)
             print(f"\n===== sweep: batch {batch}, {dtype_name} state, ms per replay of the 64 fused layers", flush=True)
-            if not rows:
-                print(f"production kernels (TUNED_CONFIGS / autotuner): {time_step(batch, state_dtype, None):.3f}")
+            if not rows or any(key[2] == "rows" for key in generation_mlmamba.TUNED_CONFIGS):
+                print("production kernels (TUNED_CONFIGS / autotuner), next kernel launched after the wait / early: "
+                      + " / ".join(f"{time_step(batch, state_dtype, None, early):.3f}" for early in (False, True)))
             best = {"in_proj": (ROWS_IN if rows else MATVEC_IN)[0], "out_proj": (ROWS_OUT if rows else MATVEC_OUT)[0]}
             for product, candidates in (("in_proj", ROWS_IN if rows else MATVEC_IN),
                                         ("out_proj", ROWS_OUT if rows else MATVEC_OUT)):
@@ -321,6 +322,8 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
                 best[product] = again[0][1]
                 print(f"best {product}: {_label(best[product])} ({again[0][0]:.3f} ms; next "
                       f"{', '.join(f'{ms:.3f}' for ms, _ in again[1:])})", flush=True)
+            print("the best of both, next kernel launched after the wait / early: "
+                  + " / ".join(f"{time_step(batch, state_dtype, best, early):.3f}" for early in (False, True)))
             for product, weight in (("in_proj", in_w), ("out_proj", out_w)):
                 key = (capability, product, kind, *weight.shape, str(weight.dtype).removeprefix("torch."))
                 tuned.setdefault(key, {})[dtype_name] = best[product]

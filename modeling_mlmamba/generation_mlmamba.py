@@ -275,9 +275,23 @@ def _fused_kernels(autotune: bool = True):
             else:
                 return tl.dot(x, w, acc)
 
+    @triton.jit
+    def _wait_for_previous(USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr):
+        # programmatic dependent launch: wait for the previous kernel's results (what came before needs none), and
+        # let the next kernel launch: once this one's programs have all passed here, or (LAUNCH_EARLY) once they
+        # have all started, so that it reads its own weights while this one works. Its wait still waits for this
+        # kernel to finish, which finished after the one before it.
+        if USE_PDL:
+            if LAUNCH_EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+            if not LAUNCH_EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
+
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
-    globals().update(_matvec_tile=_matvec_tile, _weight_tile=_weight_tile, _rows_dot=_rows_dot)
+    globals().update(_matvec_tile=_matvec_tile, _weight_tile=_weight_tile, _rows_dot=_rows_dot,
+                     _wait_for_previous=_wait_for_previous)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -286,6 +300,7 @@ def _fused_kernels(autotune: bool = True):
         HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
         D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = True,
+        LAUNCH_EARLY: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         dtype = norm_w_ptr.dtype.element_ty
@@ -300,9 +315,7 @@ def _fused_kernels(autotune: bool = True):
         # it, and the next tile is in flight while this one is used (else Triton's software pipelining, num_stages)
         if PREFETCH:
             w = _matvec_tile(w_ptr, rows, tl.arange(0, BLOCK_K), row_mask, K, stride_wn)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             mask = cols < K
@@ -352,6 +365,7 @@ def _fused_kernels(autotune: bool = True):
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
         HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        LAUNCH_EARLY: tl.constexpr = False,
     ):
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -371,9 +385,7 @@ def _fused_kernels(autotune: bool = True):
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
         B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
         C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -398,6 +410,7 @@ def _fused_kernels(autotune: bool = True):
         group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
         USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
+        LAUNCH_EARLY: tl.constexpr = False,
     ):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -408,9 +421,7 @@ def _fused_kernels(autotune: bool = True):
         # the weights do not depend on the previous kernel: the first tile is read before waiting for it
         if PREFETCH:
             w = _matvec_tile(w_ptr, rows, pid_k * k_len + tl.arange(0, BLOCK_K), row_mask, k_end, stride_wn)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         # the gated output's mean square per group, from the SSM kernel's per-block sums
         i = tl.arange(0, BLOCK_PARTS)
         parts = tl.load(part_ptr + i, mask=i < n_parts, other=0.0)
@@ -463,6 +474,7 @@ def _fused_kernels(autotune: bool = True):
         BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
         PREFETCH: tl.constexpr = True,
+        LAUNCH_EARLY: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         dtype = norm_w_ptr.dtype.element_ty
@@ -480,9 +492,7 @@ def _fused_kernels(autotune: bool = True):
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PREFETCH:
             w = _weight_tile(w_ptr, rows, kk, row_mask, K, stride_wn, SWAP_AB)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + kk
             if PREFETCH:
@@ -535,6 +545,7 @@ def _fused_kernels(autotune: bool = True):
         IEEE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
         PREFETCH: tl.constexpr = True,
+        LAUNCH_EARLY: tl.constexpr = False,
     ):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
@@ -546,9 +557,7 @@ def _fused_kernels(autotune: bool = True):
         k_end = tl.minimum((pid_k + 1) * k_len, K)
         if PREFETCH:
             w = _weight_tile(w_ptr, rows, pid_k * k_len + kk, row_mask, k_end, stride_wn, SWAP_AB)
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         # each row's mean square per group, from the SSM kernel's per-block sums
         i = tl.arange(0, BLOCK_PARTS)
         parts = tl.load(part_ptr + m[:, None] * n_parts + i[None, :], mask=m_mask[:, None] & (i < n_parts)[None, :],
@@ -690,7 +699,8 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     fixed = _fixed_configs(block_sizes)
     counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
     use_pdl = _programmatic_launch_supported(triton) if pdl is None else pdl
-    pdl = dict(USE_PDL=True, launch_pdl=True) if use_pdl else dict(USE_PDL=False)
+    early = os.environ.get("MLMAMBA_PDL_EARLY", "0") == "1"
+    pdl = dict(USE_PDL=True, LAUNCH_EARLY=early, launch_pdl=True) if use_pdl else dict(USE_PDL=False)
     block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
@@ -794,10 +804,10 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ((9, 0), "in_proj", "matvec", 10576, 2560, "bfloat16"): dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=2),
     ((9, 0), "out_proj", "matvec", 2560, 5120, "bfloat16"): dict(BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, num_warps=4,
                                                                  num_stages=2),
-    ((9, 0), "in_proj", "rows", 10576, 2560, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=128, SWAP_AB=True, num_warps=4,
-                                                               num_stages=2),
-    ((9, 0), "out_proj", "rows", 2560, 5120, "bfloat16"): dict(BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, SWAP_AB=True,
-                                                               num_warps=4, num_stages=2),
+    ((9, 0), "in_proj", "rows", 10576, 2560, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=64, SWAP_AB=True, PREFETCH=False,
+                                                               num_warps=4, num_stages=6),
+    ((9, 0), "out_proj", "rows", 2560, 5120, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=2, SWAP_AB=True,
+                                                               PREFETCH=False, num_warps=4, num_stages=3),
 }
 
 
