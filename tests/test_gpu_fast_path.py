@@ -110,6 +110,36 @@ def test_fused_layer_for_a_few_rows_decodes_like_the_plain_path(monkeypatch):
 
 
 @torch.no_grad()
+def test_tuned_row_configurations_make_the_fused_layer_the_default_for_a_few_rows(monkeypatch):
+    """Without MLMAMBA_FUSED_DECODE_MAX_BATCH, batches of 2-16 take the fused layer only where TUNED_CONFIGS has its
+    tensor-core kernels for this GPU and these shapes; launched with those configurations, it still decodes what the
+    plain path decodes."""
+    from modeling_mlmamba import generation_mlmamba
+
+    if generation_mlmamba.fused_kernels() is None:
+        pytest.skip("no Triton here")
+    monkeypatch.delenv("MLMAMBA_FUSED_DECODE_MAX_BATCH", raising=False)
+    model = small_gpu_model()
+    inputs = prompt(model, 3)
+    reference = greedy(model, inputs)
+    greedy(model, inputs, cache_implementation="static")
+    assert model._decode_graphs.fused_max_batch == 1, "untuned shapes: batch 3 runs the compiled layer"
+    mixer = model.model.language_model.layers[0].mixer
+    tuned = dict(generation_mlmamba.TUNED_CONFIGS)
+    for product, weight, config in (
+        ("in_proj", mixer.in_proj.weight, dict(BLOCK_N=64, BLOCK_K=32, SWAP_AB=True, PREFETCH=False, num_stages=3)),
+        ("out_proj", mixer.out_proj.weight, dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, SWAP_AB=True, PREFETCH=False)),
+    ):
+        tuned[generation_mlmamba._tuned_key(weight.device, product, "rows", weight)] = config
+    monkeypatch.setattr(generation_mlmamba, "TUNED_CONFIGS", tuned)
+    model._decode_graphs = None
+    fast = greedy(model, inputs, cache_implementation="static")
+    assert model._decode_graphs.fused_max_batch == 16 and model._decode_graphs._fused
+    mismatch = (fast != reference).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch at (row, position) {mismatch[0].tolist()}"
+
+
+@torch.no_grad()
 def test_fast_path_cache_and_graph_are_reused_across_calls():
     model = small_gpu_model()
     inputs = prompt(model, 2)

@@ -235,8 +235,10 @@ def decode_gemv(namespace: str = "mlmamba"):
 # bfloat16 the roundings differ (in_proj's normalised input is not rounded before the product, the gated output is
 # rounded once after its norm weight), in float32 only the order of the sums does.
 # `norm_in_proj_conv_rows` / `gated_norm_out_proj_rows` are the products for 2-16 sequences (tensor-core tiles of 16
-# rows, each weight tile read once for all rows); `ssm_step_gate` takes any batch. They are opt-in
-# (MLMAMBA_FUSED_DECODE_MAX_BATCH): on an H100 they are slower than the compiled layer at batch 8 as they stand.
+# rows with the weight tile as the wide operand, each weight tile read once for all rows, the tiles in flight through
+# Triton's software pipelining); `ssm_step_gate` takes any batch. They run by default where TUNED_CONFIGS has their
+# launch configurations (measured faster than the compiled layer there), elsewhere on request
+# (MLMAMBA_FUSED_DECODE_MAX_BATCH).
 _FUSED: list = []  # [(triton, kernels) or None], resolved on first use
 _SSM_BLOCK_P = 16  # head-dim rows per program of the SSM update (sets how its sums of squares are laid out)
 FUSED_MAX_ROWS = 16  # the fused layer's largest batch: one 16-row tile of the products
@@ -699,7 +701,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     fixed = _fixed_configs(block_sizes)
     counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
     use_pdl = _programmatic_launch_supported(triton) if pdl is None else pdl
-    early = os.environ.get("MLMAMBA_PDL_EARLY", "0") == "1"
+    early = os.environ.get("MLMAMBA_PDL_EARLY", "1") != "0"  # measured ~1% faster at batches 1 and 8 on an H100
     pdl = dict(USE_PDL=True, LAUNCH_EARLY=early, launch_pdl=True) if use_pdl else dict(USE_PDL=False)
     block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
@@ -811,6 +813,21 @@ TUNED_CONFIGS: dict[tuple, dict] = {
 }
 
 
+def _tuned_key(device, product: str, kind: str, weight: torch.Tensor) -> tuple:
+    return (torch.cuda.get_device_capability(device), product, kind, *weight.shape,
+            str(weight.dtype).removeprefix("torch."))
+
+
+def has_tuned_configs(language_model, kind: str, device) -> bool:
+    """Whether TUNED_CONFIGS holds both products of `language_model` for `kind` ("matvec": one sequence, "rows": 2-16)
+    on the CUDA `device`."""
+    if torch.device(device).type != "cuda":
+        return False
+    mixer = language_model.layers[0].mixer
+    return all(_tuned_key(device, product, kind, weight) in TUNED_CONFIGS
+               for product, weight in (("in_proj", mixer.in_proj.weight), ("out_proj", mixer.out_proj.weight)))
+
+
 def _fixed_configs(block_sizes: dict | None) -> dict | None:
     if not block_sizes:
         return None
@@ -827,9 +844,7 @@ def _product_launch(kernel, fixed: dict | None, product: str, kind: str, weight:
     """(kernel to launch, its meta-parameters): a fixed configuration runs the kernel itself (not its autotuner)."""
     config = fixed[product] if fixed is not None else None
     if config is None and weight.is_cuda:
-        key = (torch.cuda.get_device_capability(weight.device), product, kind, *weight.shape,
-               str(weight.dtype).removeprefix("torch."))
-        config = TUNED_CONFIGS.get(key)
+        config = TUNED_CONFIGS.get(_tuned_key(weight.device, product, kind, weight))
     if config is None:
         return kernel, {}
     config = dict(config)
@@ -1089,9 +1104,15 @@ class DecodeGraphRunner:
         self.failed_modes: set[str] = set()  # compile modes that failed here: not tried again
         self._block = None
         self._fused = None  # the fused layer: unresolved (None), absent (False) or the function
-        # the largest batch that takes the fused layer: 1 by default (measured); up to FUSED_MAX_ROWS with
-        # MLMAMBA_FUSED_DECODE_MAX_BATCH (its tensor-core kernels for 2-16 rows are tested, not yet benchmarked)
-        self.fused_max_batch = min(int(os.environ.get("MLMAMBA_FUSED_DECODE_MAX_BATCH", "1")), FUSED_MAX_ROWS)
+        # the largest batch that takes the fused layer: FUSED_MAX_ROWS where TUNED_CONFIGS has its tensor-core
+        # kernels for this GPU and these shapes (measured faster than the compiled layer there), 1 elsewhere (the
+        # autotuner's choice was slower); MLMAMBA_FUSED_DECODE_MAX_BATCH sets it
+        chosen = os.environ.get("MLMAMBA_FUSED_DECODE_MAX_BATCH")
+        if chosen is None:
+            lm = model.model.language_model
+            tuned = has_tuned_configs(lm, "rows", lm.layers[0].mixer.in_proj.weight.device)
+            chosen = FUSED_MAX_ROWS if tuned else 1
+        self.fused_max_batch = min(int(chosen), FUSED_MAX_ROWS)
         # prefill: the LM's prompt pass and the towers + connector, each captured per input shape (see ShapeGraphs)
         self.prefill_graphs = ShapeGraphs(
             self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=4
