@@ -46,8 +46,10 @@ def parse_args():
     p.add_argument("--batches", default="1,8,64", help="decode batch sizes")
     p.add_argument("--variants", default="fp32-unfused,fp32,bf16",
                    help="comma-separated: fp32 / bf16 state, with -unfused (batch 1 runs the compiled layer, not the "
-                        "three fused kernels), -nopdl (fused kernels launched one after the other), -rows (the fused "
-                        "layer up to batch 16), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
+                        "three fused kernels), -nopdl (fused kernels launched one after the other), -late (the next "
+                        "kernel launched once this one waited, not once it started), -rows / -norows "
+                        "(the fused layer up to batch 16 / at batch 1 only; by default: up to 16 where TUNED_CONFIGS "
+                        "has its kernels), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
     p.add_argument("--state-dtypes", default="float32,bfloat16", help="SSM state dtypes of --part sweep")
     return p.parse_args()
 
@@ -156,7 +158,11 @@ def decode_variants(model, batches: list[int], variants: list[str]):
         generation_mlmamba._GEMV[:] = [None if "cublas" in variant else gemv]
         os.environ["MLMAMBA_FUSED_DECODE"] = "0" if "unfused" in variant else "1"  # read by each new runner
         os.environ["MLMAMBA_PDL"] = "0" if "nopdl" in variant else "1"
-        os.environ["MLMAMBA_FUSED_DECODE_MAX_BATCH"] = "16" if "rows" in variant else "1"
+        os.environ["MLMAMBA_PDL_EARLY"] = "0" if "late" in variant else "1"
+        if "norows" in variant or "rows" in variant:  # else the default (the fused layer up to 16 where tuned)
+            os.environ["MLMAMBA_FUSED_DECODE_MAX_BATCH"] = "1" if "norows" in variant else "16"
+        else:
+            os.environ.pop("MLMAMBA_FUSED_DECODE_MAX_BATCH", None)
         model.config.ssm_state_dtype = "bfloat16" if "bf16" in variant else "float32"
         config = CompileConfig(mode="max-autotune") if "max-autotune" in variant else CompileConfig()
         model._decode_graphs = None
@@ -177,6 +183,7 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     generation_mlmamba._GEMV[:] = [gemv]
     os.environ.pop("MLMAMBA_FUSED_DECODE", None)
     os.environ.pop("MLMAMBA_PDL", None)
+    os.environ.pop("MLMAMBA_PDL_EARLY", None)
     os.environ.pop("MLMAMBA_FUSED_DECODE_MAX_BATCH", None)
     model.config.ssm_state_dtype = "float32"
 
