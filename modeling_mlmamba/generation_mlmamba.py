@@ -7,9 +7,10 @@ H100 with transformers' plain `generate()`). The step is therefore
       `Mamba2Block` on one token) around causal_conv1d's and mamba_ssm's single-token kernels, registered as custom
       ops so that `torch.compile` takes the layer as one graph and fuses the norms, gates and casts in between; one
       compiled graph serves all 64 layers;
-      At batch 1 (Triton on CUDA) a layer is instead three fused Triton kernels (`make_fused_block_step`: the norms
-      folded into the two matrix-vector products, the conv update in in_proj's epilogue, the SSM update with the
-      gate), which overlap through programmatic dependent launch on Hopper;
+      At batch 1, and at 2-16 where TUNED_CONFIGS has their launch configurations (Triton on CUDA), a layer is
+      instead three fused Triton kernels (`make_fused_block_step`: the norms folded into the two products, the conv
+      update in in_proj's epilogue, the SSM update with the gate), which overlap through programmatic dependent
+      launch on Hopper;
   (2) captured once per batch size in a `torch.cuda.CUDAGraph` over preallocated conv / SSM states, then replayed:
       one launch per token;
   (3) not waited for: `generate()` normally reads its stop flag on the host after every token; for these caches it
