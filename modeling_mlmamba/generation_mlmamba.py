@@ -691,8 +691,10 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     step), from Triton's autotuner otherwise. `kernels` (e.g. `_fused_kernels(autotune=False)`) and `block_sizes`
     fix them instead (tests under Triton's interpreter, benchmarks/experiments.py): either BLOCK_N, BLOCK_K (and
     SPLIT_K for out_proj) for both products, or {"in_proj": {...}, "out_proj": {...}} with each product's own
-    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, SWAP_AB for more than one sequence, num_warps, num_stages).
-    `pdl`: programmatic dependent launch (by default where the GPU and Triton support it)."""
+    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, SWAP_AB for more than one sequence, PREFETCH, num_warps,
+    num_stages). `pdl`: programmatic dependent launch (by default where the GPU and Triton support it); with it, each
+    kernel lets the next one launch once its own programs have started (MLMAMBA_PDL_EARLY=0: once they have waited
+    for their inputs)."""
     found = fused_kernels() if kernels is None else kernels
     if found is None:
         return None

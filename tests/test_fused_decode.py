@@ -1,4 +1,5 @@
-"""The batch-1 fused decode layer (three Triton kernels, generation_mlmamba.py) against the torch layer function.
+"""The fused decode layer (three Triton kernels, generation_mlmamba.py; matrix-vector products for one sequence,
+16-row tensor-core products for 2-16) against the torch layer function.
 
 Reference: `make_block_step` with transformers' Mamba-2 conv / state-update functions (its torch reference on CPU;
 on a GPU with mamba_ssm and causal_conv1d installed, transformers dispatches them to those kernels), itself tested
