@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Compile the fused decode layer's Triton kernels for a GPU architecture on a machine without a GPU.
+
+Triton's compiler (front end, MLIR passes, LLVM, and the ptxas it ships) runs on any machine, so this catches
+compile errors and shows what the kernels became without a GPU lease: for each kernel at the released model's
+shapes (the launch configurations of TUNED_CONFIGS in modeling_mlmamba/generation_mlmamba.py, both SSM state dtypes
+where it matters) it prints the shared memory it needs and a count of its memory and matrix instructions in the PTX
+(e.g. whether the weight tiles are read with 16-byte vector loads `ld.global...v4`, through `cp.async`, and whether
+the products use Hopper's `wgmma`). Integer arguments and pointers are specialised as Triton specialises them at
+launch for these shapes (divisible by 16; unit strides as constants).
+
+Needs triton (and numpy < 2 for triton 3.6's interpreter helpers on some machines); no CUDA.
+
+  python tools/compile_fused_kernels.py [--arch 90] [--ptx-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# the released Mamba-2 2.7B: arguments Triton sees divisible by 16 at launch (sizes, offsets, strides)
+DIVISIBLE = {"N", "K", "stride_wn", "conv_start", "conv_dim", "n_parts", "parts_per_group", "group_size",
+             "stride_proj_b", "x_start", "b_start", "c_start", "dt_start", "stride_y_b", "head_dim", "state_size",
+             "stride_s_h", "stride_s_p", "stride_s_b", "stride_part_b", "stride_cs_b"}
+# strides equal to 1 at launch, which Triton turns into constants
+ONE = {"stride_s_n", "stride_cs_k", "stride_cw_k"}
+PATTERN = re.compile(r"\b(ld\.global[.:\w]*|st\.global[.:\w]*|cp\.async\.[a-z]+[.:\w]*|wgmma\.mma_async[.\w]*|"
+                     r"mma\.sync[.\w]*|ldmatrix[.\w]*|griddepcontrol\.\w+)")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as one number (90: Hopper)")
+    p.add_argument("--ptx-dir", type=Path, default=None, help="also write each kernel's PTX here")
+    return p.parse_args()
+
+
+def signature(fn, pointer_dtypes: dict, constants: dict) -> tuple[dict, dict]:
+    """Triton's signature and specialisation attributes for `fn` (a JITFunction); fills in default constexprs."""
+    params = inspect.signature(fn.fn).parameters
+    constants.update({name: 1 for name in params if name in ONE})
+    for name, param in params.items():
+        if param.default is not inspect.Parameter.empty:
+            constants.setdefault(name, param.default)
+    sig, attrs = {}, {}
+    for index, name in enumerate(params):
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointer_dtypes.get(name, "bf16")
+        elif name == "eps":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if name not in constants and (name.endswith("_ptr") or name in DIVISIBLE):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def jobs() -> list[tuple[str, str, dict, dict, dict]]:
+    """(label, kernel name, pointer dtypes, constexprs, launch options) at the released shapes."""
+    from modeling_mlmamba.generation_mlmamba import TUNED_CONFIGS
+
+    def tuned(product: str, kind: str, n: int, k: int) -> tuple[dict, dict]:
+        config = dict(TUNED_CONFIGS.get(((9, 0), product, kind, n, k, "bfloat16"), {}))
+        options = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
+        return config, options
+
+    conv = dict(HAS_BIAS=False, HAS_CONV_BIAS=True, SILU=True, D_CONV=4, BLOCK_C=4, USE_PDL=True, LAUNCH_EARLY=True)
+    gated = dict(HAS_BIAS=False, BLOCK_G=1, BLOCK_PARTS=512, USE_PDL=True, LAUNCH_EARLY=True)
+    residual = dict(res_ptr="fp32", res_out_ptr="fp32")  # residual_in_fp32
+    parts = dict(part_ptr="fp32", split_ptr="fp32", count_ptr="i32")
+    out = []
+    meta, options = tuned("in_proj", "matvec", 10576, 2560)
+    out.append(("in_proj, 1 sequence", "norm_in_proj_conv", residual, dict(conv, **meta), options))
+    for state in ("fp32", "bf16"):
+        out.append((f"SSM update, {state} state", "ssm_step_gate",
+                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
+                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
+                    dict(num_warps=4)))
+    meta, options = tuned("out_proj", "matvec", 2560, 5120)
+    out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
+    meta, options = tuned("in_proj", "rows", 10576, 2560)
+    out.append(("in_proj, 2-16 sequences", "norm_in_proj_conv_rows", residual,
+                dict(conv, IEEE=False, BLOCK_M=16, **meta), options))
+    meta, options = tuned("out_proj", "rows", 2560, 5120)
+    out.append(("out_proj, 2-16 sequences", "gated_norm_out_proj_rows", parts,
+                dict(gated, IEEE=False, BLOCK_M=16, **meta), options))
+    return out
+
+
+def main():
+    args = parse_args()
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from modeling_mlmamba.generation_mlmamba import _fused_kernels
+
+    _, kernels = _fused_kernels(autotune=False)
+    by_name = {kernel.fn.__name__: kernel for kernel in kernels}
+    target = GPUTarget("cuda", args.arch, 32)
+    if args.ptx_dir is not None:
+        args.ptx_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for label, name, pointers, constants, options in jobs():
+        fn = by_name[name]
+        sig, attrs = signature(fn, pointers, constants)
+        source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
+        shown = {k: v for k, v in constants.items() if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "SWAP", "PRE"))}
+        try:
+            compiled = triton.compile(source, target=target, options=options)
+        except Exception as error:  # report every kernel, then fail
+            failed += 1
+            print(f"FAILED {label} ({name}, {shown}, {options}): {type(error).__name__}: {error}")
+            continue
+        ptx = compiled.asm["ptx"]
+        counts = collections.Counter(PATTERN.findall(ptx))
+        print(f"{label}: {name} {shown} {options}, shared memory {compiled.metadata.shared} B")
+        for instruction, count in counts.most_common():
+            print(f"    {count:4d}  {instruction}")
+        if args.ptx_dir is not None:
+            (args.ptx_dir / f"{name}.ptx").write_text(ptx)
+    if failed:
+        sys.exit(f"{failed} kernel(s) did not compile")
+
+
+if __name__ == "__main__":
+    main()
