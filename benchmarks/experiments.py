@@ -8,7 +8,7 @@
   --part kernels   the kernels of one compiled decode step at batch 1, by GPU time.
   --part sweep     launch configurations of the fused layer's two products, each timed in the captured step (all
                    64 layers in one CUDA graph, as generate() replays it): matrix-vector kernels at batch 1, the
-                   16-row tensor-core kernels (weight as the wide operand or not: SWAP_AB) at the --batches above 1,
+                   16-row tensor-core kernels at the --batches above 1,
                    for the SSM state dtypes of --state-dtypes; one product's candidates with the other fixed, then
                    the other's with the first's best. Prints TUNED_CONFIGS entries for generation_mlmamba.py.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
@@ -233,17 +233,17 @@ MATVEC_OUT = _candidates([(4, 1024, 4, 1), (4, 512, 4, 1), (8, 512, 4, 1), (8, 5
                           (8, 1024, 8, 1), (4, 1024, 8, 1), (8, 1024, 4, 1), (4, 2048, 4, 1), (2, 2048, 4, 1),
                           (4, 1024, 2, 1), (2, 1024, 2, 1)], num_stages=2, names=("SPLIT_K",))
 ROWS_IN = (
-    _candidates([(64, 128, 4)], SWAP_AB=True, PREFETCH=True, num_stages=2)
+    _candidates([(64, 128, 4)], PREFETCH=True, num_stages=2)
     + _candidates([(64, 64, 4, 6), (64, 64, 4, 8), (64, 32, 4, 8), (64, 128, 4, 4), (64, 128, 4, 5),
                    (128, 128, 8, 3), (128, 64, 8, 6), (128, 32, 4, 8), (64, 64, 8, 6), (32, 128, 4, 4)],
-                  SWAP_AB=True, PREFETCH=False, names=("num_stages",))
+                  PREFETCH=False, names=("num_stages",))
 )
 ROWS_OUT = (
-    _candidates([(32, 128, 4, 4)], SWAP_AB=True, PREFETCH=True, num_stages=2, names=("SPLIT_K",))
+    _candidates([(32, 128, 4, 4)], PREFETCH=True, num_stages=2, names=("SPLIT_K",))
     + _candidates([(64, 256, 4, 2, 3), (64, 256, 4, 2, 4), (64, 128, 4, 2, 5), (64, 128, 4, 4, 3),
                    (128, 128, 8, 2, 3), (64, 256, 4, 1, 3), (64, 256, 8, 2, 3), (32, 256, 4, 2, 3),
                    (64, 64, 4, 4, 6)],
-                  SWAP_AB=True, PREFETCH=False, names=("SPLIT_K", "num_stages"))
+                  PREFETCH=False, names=("SPLIT_K", "num_stages"))
 )
 
 

@@ -256,27 +256,37 @@ def _fused_kernels(autotune: bool = True):
                        mask=row_mask[:, None] & (cols < k_end)[None, :], other=0.0, eviction_policy="evict_first")
 
     @triton.jit
-    def _weight_tile(w_ptr, rows, cols, row_mask, k_end, stride_wn, SWAP_AB: tl.constexpr):
-        # the same, or its transpose
-        if SWAP_AB:
-            return _matvec_tile(w_ptr, rows, cols, row_mask, k_end, stride_wn)
+    def _rows_dot(x, w, acc, IEEE: tl.constexpr):
+        # acc + (x @ w^T)^T: the weight tile (weight rows × columns) as the tensor cores' wide operand, the batch's
+        # 16 rows as the narrow one (1.5x faster than x @ w^T at the released shapes on an H100)
+        if IEEE:
+            return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
         else:
-            return tl.load(w_ptr + rows[None, :] * stride_wn + cols[:, None],
-                           mask=(cols < k_end)[:, None] & row_mask[None, :], other=0.0, eviction_policy="evict_first")
+            return tl.dot(w, tl.trans(x), acc)
 
     @triton.jit
-    def _rows_dot(x, w, acc, IEEE: tl.constexpr, SWAP_AB: tl.constexpr):
-        # acc + x @ w^T as (weight rows × batch rows) when SWAP_AB, else as (batch rows × weight rows)
-        if SWAP_AB:
-            if IEEE:
-                return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-            else:
-                return tl.dot(w, tl.trans(x), acc)
+    def _finish_out_proj(out, offsets, mask, rows, row_mask, b_ptr, out_ptr, split_ptr, split_stride, count_ptr,
+                         pid_n, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        # out_proj's result (`offsets` into the output, the bias indexed by weight row). Split over K: each program
+        # leaves its partial sums; the last of a row block's programs to finish adds them up, in split order (so the
+        # result does not depend on which finished last) and resets the block's counter
+        if SPLIT_K > 1:
+            tl.store(split_ptr + pid_k * split_stride + offsets, out, mask=mask)
+            tl.debug_barrier()
+            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                total = tl.zeros_like(out)
+                for split in tl.static_range(SPLIT_K):
+                    total += tl.load(split_ptr + split * split_stride + offsets, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(count_ptr + pid_n, 0)
         else:
-            if IEEE:
-                return tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                return tl.dot(x, w, acc)
+            if HAS_BIAS:
+                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _wait_for_previous(USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr):
@@ -293,7 +303,7 @@ def _fused_kernels(autotune: bool = True):
 
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
-    globals().update(_matvec_tile=_matvec_tile, _weight_tile=_weight_tile, _rows_dot=_rows_dot,
+    globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _finish_out_proj=_finish_out_proj,
                      _wait_for_previous=_wait_for_previous)
 
     @triton.jit
@@ -448,24 +458,8 @@ def _fused_kernels(autotune: bool = True):
         out = tl.sum(acc, axis=1)
         if BLOCK_G == 1:
             out *= tl.sum(inv_g, axis=0)
-        if SPLIT_K > 1:
-            # each program leaves its partial sums; the last of a row block's programs to finish adds them up, in
-            # split order (so the result does not depend on which finished last) and resets the block's counter
-            tl.store(split_ptr + pid_k * N + rows, out, mask=row_mask)
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if done == SPLIT_K - 1:
-                out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    out += tl.load(split_ptr + split * N + rows, mask=row_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0)
-        else:
-            if HAS_BIAS:
-                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        _finish_out_proj(out, rows, row_mask, rows, row_mask, b_ptr, out_ptr, split_ptr, N, count_ptr, pid_n, pid_k,
+                         HAS_BIAS, SPLIT_K)
 
     # ---- a few rows (batch 2-16): the same three steps with the products on tensor cores (tl.dot over a 16-row
     # tile), each weight tile read once for all rows; the SSM kernel above already takes any batch
@@ -475,7 +469,7 @@ def _fused_kernels(autotune: bool = True):
         M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
         eps, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr, D_CONV: tl.constexpr,
         BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
     ):
@@ -487,21 +481,16 @@ def _fused_kernels(autotune: bool = True):
         row_mask = rows < N
         kk = tl.arange(0, BLOCK_K)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        # SWAP_AB: tile (weight rows × columns) @ x^T (the weight as the tensor cores' wide operand); otherwise
-        # x (rows of the batch × columns) @ tile seen as (columns × weight rows)
-        if SWAP_AB:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: see _rows_dot
         if PREFETCH:
-            w = _weight_tile(w_ptr, rows, kk, row_mask, K, stride_wn, SWAP_AB)
+            w = _matvec_tile(w_ptr, rows, kk, row_mask, K, stride_wn)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + kk
             if PREFETCH:
-                w_next = _weight_tile(w_ptr, rows, cols + BLOCK_K, row_mask, K, stride_wn, SWAP_AB)
+                w_next = _matvec_tile(w_ptr, rows, cols + BLOCK_K, row_mask, K, stride_wn)
             else:
-                w = _weight_tile(w_ptr, rows, cols, row_mask, K, stride_wn, SWAP_AB)
+                w = _matvec_tile(w_ptr, rows, cols, row_mask, K, stride_wn)
             x_mask = m_mask[:, None] & (cols < K)[None, :]
             h = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
             h += tl.load(prev_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
@@ -510,11 +499,10 @@ def _fused_kernels(autotune: bool = True):
             x = h.to(dtype).to(tl.float32)
             squares += x * x
             x = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :] * x
-            acc = _rows_dot(x.to(w.dtype), w, acc, IEEE, SWAP_AB)
+            acc = _rows_dot(x.to(w.dtype), w, acc, IEEE)
             if PREFETCH:
                 w = w_next
-        if SWAP_AB:
-            acc = tl.trans(acc)
+        acc = tl.trans(acc)
         val = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
         if HAS_BIAS:
             val += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -546,7 +534,7 @@ def _fused_kernels(autotune: bool = True):
         u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, M, N, K, stride_wn, n_parts, parts_per_group,
         group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
         IEEE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
     ):
@@ -559,7 +547,7 @@ def _fused_kernels(autotune: bool = True):
         k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_end = tl.minimum((pid_k + 1) * k_len, K)
         if PREFETCH:
-            w = _weight_tile(w_ptr, rows, pid_k * k_len + kk, row_mask, k_end, stride_wn, SWAP_AB)
+            w = _matvec_tile(w_ptr, rows, pid_k * k_len + kk, row_mask, k_end, stride_wn)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         # each row's mean square per group, from the SSM kernel's per-block sums
         i = tl.arange(0, BLOCK_PARTS)
@@ -568,47 +556,27 @@ def _fused_kernels(autotune: bool = True):
         g = tl.arange(0, BLOCK_G)
         in_group = (i // parts_per_group)[:, None] == g[None, :]
         inv = tl.rsqrt(tl.sum(tl.where(in_group[None, :, :], parts[:, :, None], 0.0), axis=1) / group_size + eps)
-        if SWAP_AB:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: see _rows_dot
         for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
             cols = k0 + kk
             if PREFETCH:
-                w_next = _weight_tile(w_ptr, rows, cols + BLOCK_K, row_mask, k_end, stride_wn, SWAP_AB)
+                w_next = _matvec_tile(w_ptr, rows, cols + BLOCK_K, row_mask, k_end, stride_wn)
             else:
-                w = _weight_tile(w_ptr, rows, cols, row_mask, k_end, stride_wn, SWAP_AB)
+                w = _matvec_tile(w_ptr, rows, cols, row_mask, k_end, stride_wn)
             u = tl.load(u_ptr + m[:, None] * K + cols[None, :], mask=m_mask[:, None] & (cols < K)[None, :],
                         other=0.0).to(tl.float32)
             if BLOCK_G > 1:
                 in_col_group = (cols // group_size)[None, :, None] == g[None, None, :]
                 u *= tl.sum(tl.where(in_col_group, inv[:, None, :], 0.0), axis=2)
-            acc = _rows_dot(u.to(w.dtype), w, acc, IEEE, SWAP_AB)
+            acc = _rows_dot(u.to(w.dtype), w, acc, IEEE)
             if PREFETCH:
                 w = w_next
-        if SWAP_AB:
-            acc = tl.trans(acc)
-        out = acc
+        out = tl.trans(acc)
         if BLOCK_G == 1:
             out *= tl.sum(inv, axis=1)[:, None]
-        out_mask = m_mask[:, None] & row_mask[None, :]
-        if SPLIT_K > 1:  # as in gated_norm_out_proj: the last program of a row block adds the partial sums in order
-            tl.store(split_ptr + pid_k * M * N + m[:, None] * N + rows[None, :], out, mask=out_mask)
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if done == SPLIT_K - 1:
-                out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for split in tl.static_range(SPLIT_K):
-                    out += tl.load(split_ptr + split * M * N + m[:, None] * N + rows[None, :], mask=out_mask,
-                                   other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_ptr + m[:, None] * N + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0)
-        else:
-            if HAS_BIAS:
-                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + m[:, None] * N + rows[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _finish_out_proj(out, m[:, None] * N + rows[None, :], m_mask[:, None] & row_mask[None, :], rows[None, :],
+                         row_mask[None, :], b_ptr, out_ptr, split_ptr, M * N, count_ptr, pid_n, pid_k, HAS_BIAS,
+                         SPLIT_K)
 
     if autotune:
         configs = [
@@ -632,8 +600,8 @@ def _fused_kernels(autotune: bool = True):
             ]
         ]
         gated_norm_out_proj = triton.autotune(split_configs, key=["N", "K"])(gated_norm_out_proj)
-        row_configs = [  # the weight tile as the wide operand: ~1.5x faster at the released shapes on an H100
-            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SWAP_AB": True}, num_warps=w, num_stages=st)
+        row_configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
             for n, k, w, st in [
                 (16, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2), (32, 256, 4, 2), (128, 64, 8, 2),
                 (64, 256, 8, 2), (16, 256, 4, 2),
@@ -691,8 +659,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     step), from Triton's autotuner otherwise. `kernels` (e.g. `_fused_kernels(autotune=False)`) and `block_sizes`
     fix them instead (tests under Triton's interpreter, benchmarks/experiments.py): either BLOCK_N, BLOCK_K (and
     SPLIT_K for out_proj) for both products, or {"in_proj": {...}, "out_proj": {...}} with each product's own
-    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, SWAP_AB for more than one sequence, PREFETCH, num_warps,
-    num_stages). `pdl`: programmatic dependent launch (by default where the GPU and Triton support it); with it, each
+    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, num_warps, num_stages). `pdl`: programmatic dependent launch (by default where the GPU and Triton support it); with it, each
     kernel lets the next one launch once its own programs have started (MLMAMBA_PDL_EARLY=0: once they have waited
     for their inputs)."""
     found = fused_kernels() if kernels is None else kernels
@@ -809,9 +776,9 @@ TUNED_CONFIGS: dict[tuple, dict] = {
     ((9, 0), "in_proj", "matvec", 10576, 2560, "bfloat16"): dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=2),
     ((9, 0), "out_proj", "matvec", 2560, 5120, "bfloat16"): dict(BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, num_warps=4,
                                                                  num_stages=2),
-    ((9, 0), "in_proj", "rows", 10576, 2560, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=64, SWAP_AB=True, PREFETCH=False,
+    ((9, 0), "in_proj", "rows", 10576, 2560, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=64, PREFETCH=False,
                                                                num_warps=4, num_stages=6),
-    ((9, 0), "out_proj", "rows", 2560, 5120, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=2, SWAP_AB=True,
+    ((9, 0), "out_proj", "rows", 2560, 5120, "bfloat16"): dict(BLOCK_N=64, BLOCK_K=256, SPLIT_K=2,
                                                                PREFETCH=False, num_warps=4, num_stages=3),
 }
 
@@ -853,8 +820,6 @@ def _product_launch(kernel, fixed: dict | None, product: str, kind: str, weight:
     config = dict(config)
     if product == "out_proj":
         config.setdefault("SPLIT_K", 1)
-    if kind == "matvec":
-        config.pop("SWAP_AB", None)
     return (kernel.fn if hasattr(kernel, "configs") else kernel), config  # an autotuner's kernel, or the kernel
 
 

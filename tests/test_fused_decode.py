@@ -54,10 +54,7 @@ def _layer_inputs(lm, layer_index, dtype, device, generator, batch=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "batch, swap_ab", [(1, False), (3, False), (3, True)],
-    ids=["one-sequence", "three-sequences", "three-sequences-weight-as-wide-operand"],
-)
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-sequence", "three-sequences"])
 @pytest.mark.parametrize("split_k", [1, 3], ids=["whole-rows", "split-k"])
 @pytest.mark.parametrize(
     "text_overrides",
@@ -65,7 +62,7 @@ def _layer_inputs(lm, layer_index, dtype, device, generator, batch=1):
     ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
 )
 @torch.no_grad()
-def test_fused_layer_steps_like_the_torch_layer(dtype, batch, swap_ab, split_k, text_overrides):
+def test_fused_layer_steps_like_the_torch_layer(dtype, batch, split_k, text_overrides):
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
@@ -76,13 +73,12 @@ def test_fused_layer_steps_like_the_torch_layer(dtype, batch, swap_ab, split_k, 
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p) * 0.1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    if ON_GPU and not INTERPRETED and split_k == 1 and not swap_ab:
+    if ON_GPU and not INTERPRETED and split_k == 1:
         fused = make_fused_block_step(lm)  # autotuned
     else:  # no autotuning, blocks smaller than the sizes so that the loops and masks run; out_proj's columns split
-        # in 3 (one share empty for the tiny model: it must add nothing); the 16-row products with the weight tile
-        # as the tensor cores' first operand (SWAP_AB) or as the second
+        # in 3 (one share empty for the tiny model: it must add nothing)
         fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False),
-                                      block_sizes=dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k, SWAP_AB=swap_ab))
+                                      block_sizes=dict(BLOCK_N=16, BLOCK_K=16, SPLIT_K=split_k))
     assert fused is not None
     generator = torch.Generator().manual_seed(7)
     for layer_index in range(len(lm.layers)):
@@ -126,7 +122,7 @@ def test_fused_layer_takes_a_configuration_per_product(batch, prefetch):
     model = tiny_model(seed=9).to(device)
     lm = model.model.language_model
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    configs = {"in_proj": dict(BLOCK_N=32, BLOCK_K=16, SWAP_AB=True, PREFETCH=prefetch, num_warps=4, num_stages=3),
+    configs = {"in_proj": dict(BLOCK_N=32, BLOCK_K=16, PREFETCH=prefetch, num_warps=4, num_stages=3),
                "out_proj": dict(BLOCK_N=16, BLOCK_K=32, SPLIT_K=2, PREFETCH=prefetch, num_warps=2)}
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
     weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, torch.float32, device,

@@ -127,8 +127,8 @@ def test_tuned_row_configurations_make_the_fused_layer_the_default_for_a_few_row
     mixer = model.model.language_model.layers[0].mixer
     tuned = dict(generation_mlmamba.TUNED_CONFIGS)
     for product, weight, config in (
-        ("in_proj", mixer.in_proj.weight, dict(BLOCK_N=64, BLOCK_K=32, SWAP_AB=True, PREFETCH=False, num_stages=3)),
-        ("out_proj", mixer.out_proj.weight, dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, SWAP_AB=True, PREFETCH=False)),
+        ("in_proj", mixer.in_proj.weight, dict(BLOCK_N=64, BLOCK_K=32, PREFETCH=False, num_stages=3)),
+        ("out_proj", mixer.out_proj.weight, dict(BLOCK_N=64, BLOCK_K=32, SPLIT_K=2, PREFETCH=False)),
     ):
         tuned[generation_mlmamba._tuned_key(weight.device, product, "rows", weight)] = config
     monkeypatch.setattr(generation_mlmamba, "TUNED_CONFIGS", tuned)

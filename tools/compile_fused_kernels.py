@@ -114,7 +114,7 @@ def main():
         fn = by_name[name]
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
-        shown = {k: v for k, v in constants.items() if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "SWAP", "PRE"))}
+        shown = {k: v for k, v in constants.items() if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
