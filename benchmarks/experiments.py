@@ -5,12 +5,22 @@
                    its in_proj / conv / chunked scan / gated norm / out_proj, mamba_ssm's fused alternatives), and
                    the whole LM prefill with the fast path's cache: where the prefill's host time goes.
   --part gemv      batch-1 matrix-vector products: cuBLAS against the Triton kernel of the decode step.
-  --part kernels   the kernels of one compiled decode step at batch 1, by GPU time.
+  --part kernels   the kernels of one decode step (as captured: fused layer or compiled layer) at each of --batches
+                   and --state-dtypes, run eagerly under the profiler, by GPU time; the fused kernels launched
+                   one after the other (MLMAMBA_PDL=0), so that each kernel's time is its own.
   --part sweep     launch configurations of the fused layer's two products, each timed in the captured step (all
                    64 layers in one CUDA graph, as generate() replays it): matrix-vector kernels at batch 1, the
                    16-row tensor-core kernels at the --batches above 1,
                    for the SSM state dtypes of --state-dtypes; one product's candidates with the other fixed, then
                    the other's with the first's best. Prints TUNED_CONFIGS entries for generation_mlmamba.py.
+  --part rows      the 16-row product kernels of the fused layer (batches 2-16) alone, at each of --batches: each
+                   candidate configuration launched for the 64 layers' distinct weights one by one, µs per call from
+                   the profiler and the weight bytes over it; in_proj as in the step and with its input already
+                   normalised (NORMED: what the previous layer's out_proj can hand over), out_proj.
+  --part skinny    how the 16-row products' weight tiles are best read, on a bare product (W · xᵀ over --batches
+                   rows, split over K, partial sums stored; nothing else in the kernel): pointer loads through
+                   Triton's software pipelining (cp.async) against tensor-memory-accelerator descriptors (TMA), with
+                   and without warp specialisation; in_proj's and out_proj's shapes, µs per call and TB/s.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
                    SSM state in float32 or bfloat16, batch 1 as three fused Triton kernels per layer or as the
                    compiled layer, causal_conv1d's kernel or inductor's code for the conv update, inductor's default
@@ -50,7 +60,9 @@ def parse_args():
                         "kernel launched once this one waited, not once it started), -rows / -norows "
                         "(the fused layer up to batch 16 / at batch 1 only; by default: up to 16 where TUNED_CONFIGS "
                         "has its kernels), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
-    p.add_argument("--state-dtypes", default="float32,bfloat16", help="SSM state dtypes of --part sweep")
+    p.add_argument("--skinny", default="ptr,tma", help="--part skinny's ways of reading the weight: ptr (cp.async), "
+                   "tma, tma-ws (warp-specialised)")
+    p.add_argument("--state-dtypes", default="float32,bfloat16", help="SSM state dtypes of --part sweep and --part kernels")
     return p.parse_args()
 
 
@@ -188,8 +200,9 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     model.config.ssm_state_dtype = "float32"
 
 
-def step_kernels(model, batch: int = 1):
-    """The kernels of one compiled decode step (run without the graph, profiled), by GPU time."""
+def step_kernels(model, batch: int = 1, state_dtype: str = "float32"):
+    """The kernels of one decode step (run without the graph, profiled, no programmatic dependent launch), by GPU
+    time, and the bytes each fused kernel must move per layer over its time."""
     from generation import TEXT_TOKENS, Spec, random_image
     from torch.profiler import ProfilerActivity, profile
 
@@ -198,6 +211,8 @@ def step_kernels(model, batch: int = 1):
     inputs = dict(input_ids=spec.input_ids(batch, TEXT_TOKENS, "cuda"),
                   pixel_values=pixel_values.expand(batch, -1, -1, -1).contiguous())
     model._decode_graphs = None
+    model.config.ssm_state_dtype = state_dtype
+    os.environ["MLMAMBA_PDL"] = "0"
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
                        cache_implementation="static")
@@ -216,8 +231,23 @@ def step_kernels(model, batch: int = 1):
                              for c, t in getattr(kernel, "configs_timings", {}).items())
             for t, c in timings[:6]:  # the autotuner's own timings (one kernel at a time, L2 flushed)
                 print(f"    {t * 1e3:8.1f} µs  {c}")
-    print(f"\n===== kernels of one decode step, batch {batch} (64 layers)")
+    os.environ.pop("MLMAMBA_PDL")
+    model.config.ssm_state_dtype = "float32"
+    runner.release(keep=())
+    print(f"\n===== kernels of one decode step, batch {batch}, {state_dtype} state (64 layers, launched one by one)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
+    # the fused kernels' bytes per layer: weights once, the batch's SSM state read and written, activations
+    tc = model.model.language_model.config
+    m = model.model.language_model.layers[0].mixer
+    state = batch * tc.num_heads * tc.head_dim * tc.state_size * getattr(torch, state_dtype).itemsize * 2
+    needed = {"norm_in_proj_conv": m.in_proj.weight.numel() * 2, "ssm_step_gate": state,
+              "gated_norm_out_proj": m.out_proj.weight.numel() * 2}
+    print("| fused kernel | µs per layer | MB per layer | TB/s |\n|---|---:|---:|---:|")
+    for event in prof.key_averages():
+        for name, nbytes in needed.items():
+            if event.key.startswith(name) and event.count:
+                us = event.self_device_time_total / event.count
+                print(f"| {event.key} | {us:.1f} | {nbytes / 1e6:.1f} | {nbytes / us / 1e6:.2f} |")
 
 
 # candidates of --part sweep: meta-parameters of one product's kernel (num_stages only matters with PREFETCH=False,
@@ -281,8 +311,8 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
 
         def step():
             r, o = residual, out
-            for w, conv, ssm in zip(weights, convs, ssms):
-                r, o = block(r, o, conv, ssm, *w)
+            for i, (w, conv, ssm) in enumerate(zip(weights, convs, ssms)):
+                r, o = block(r, o, conv, ssm, *w, next_norm_w=weights[i + 1][0] if i + 1 < len(weights) else None)
             return o
 
         stream = torch.cuda.Stream()
@@ -340,6 +370,208 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
             print(f"    {key!r}: {config!r},  # {dtype_name} state")
 
 
+# --part rows: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, NORMED; "noconv": NORMED without the conv
+# update's epilogue, to show its cost) of in_proj, and (BLOCK_M, BLOCK_N,
+# BLOCK_K, SPLIT_K, num_warps, num_stages, NEXT: forming the next layer's input) of out_proj; all with PREFETCH=False (Triton's software pipelining)
+ROWS_IN_ALONE = [(16, 64, 64, 4, 6, False), (16, 64, 64, 4, 6, True), (8, 64, 64, 4, 6, True),
+                 (8, 64, 64, 4, 6, "noconv"), (8, 64, 128, 4, 4, True), (8, 64, 128, 4, 4, "noconv"),
+                 (8, 64, 128, 4, 5, True), (8, 128, 128, 8, 4, True), (8, 32, 128, 4, 5, True),
+                 (8, 64, 64, 4, 8, True), (8, 64, 128, 8, 4, True)]
+ROWS_OUT_ALONE = [(16, 64, 256, 2, 4, 3, False), (16, 64, 256, 2, 4, 3, True), (16, 64, 128, 2, 4, 5, True),
+                  (16, 64, 128, 1, 4, 6, True), (16, 64, 128, 3, 4, 5, True), (16, 128, 64, 4, 8, 6, True)]
+
+
+def rows_products(model, batches: list[int]):
+    """--part rows (see the module's docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lm = model.model.language_model
+    tc = lm.config
+    s = generation_mlmamba._block_shape(lm)
+    triton, kernels = generation_mlmamba._fused_kernels(autotune=False)
+    in_kernel, out_kernel = kernels[3], kernels[4]
+    layers = [layer.mixer for layer in lm.layers]
+    norm_ws = [layer.norm.weight for layer in lm.layers]
+    dev, bf16 = "cuda", torch.bfloat16
+    k_in, n_in = tc.hidden_size, layers[0].in_proj.weight.shape[0]
+    n_out, k_out = layers[0].out_proj.weight.shape
+    n_parts = s.heads * triton.cdiv(s.head_dim, generation_mlmamba._SSM_BLOCK_P)
+    n_squares = 40
+
+    def timed(launch) -> float:
+        for i in range(len(layers)):  # compile
+            launch(i)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(len(layers)):
+                launch(i)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.key.startswith(("norm_in_proj", "gated_norm"))]
+        return sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+
+    for batch in batches:
+        residual = torch.randn(batch, k_in, device=dev)
+        prev = torch.randn(batch, k_in, device=dev, dtype=bf16)
+        normed = torch.randn(batch, k_in, device=dev, dtype=bf16)
+        squares = torch.rand(batch, n_squares, device=dev)
+        res_out = torch.empty_like(residual)
+        projected = torch.empty(batch, n_in, device=dev, dtype=bf16)
+        conv = torch.zeros(batch, s.conv_dim, tc.conv_kernel, device=dev, dtype=bf16)
+        gated = torch.randn(batch, k_out, device=dev, dtype=bf16)
+        parts = torch.rand(batch, n_parts, device=dev)
+        out = torch.empty(batch, n_out, device=dev, dtype=bf16)
+        split = torch.empty(4, batch, n_out, device=dev)
+        count = torch.zeros(n_out, device=dev, dtype=torch.int32)
+        print(f"\n===== 16-row products alone, batch {batch}: µs per call (64 layers' weights, one by one)")
+        print("| in_proj: BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, NORMED | µs | TB/s |\n|---|---:|---:|")
+        for bm, bn, bk, warps, stages, normed_input in ROWS_IN_ALONE:
+            def launch(i):
+                m = layers[i]
+                conv_w = m.conv1d.weight.view(s.conv_dim, -1)
+                in_kernel[(triton.cdiv(n_in, bn),)](
+                    normed if normed_input else residual, squares if normed_input else prev, norm_ws[i], res_out,
+                    m.in_proj.weight, m.in_proj.weight, projected, conv, conv_w, m.conv1d.bias, batch, n_in, k_in,
+                    m.in_proj.weight.stride(0), s.intermediate, 0 if normed_input == "noconv" else s.conv_dim,
+                    *conv.stride(), *conv_w.stride(), s.norm_eps, n_squares, HAS_BIAS=False, HAS_CONV_BIAS=True,
+                    SILU=True, D_CONV=tc.conv_kernel, BLOCK_C=triton.next_power_of_2(tc.conv_kernel), IEEE=False,
+                    USE_PDL=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=False,
+                    NORMED=bool(normed_input), BLOCK_SQUARES=64,
+                    num_warps=warps, num_stages=stages)
+            try:
+                us = timed(launch)
+            except Exception as error:
+                print(f"| {bm}, {bn}, {bk}, {warps}, {stages}, {normed_input} | failed: {type(error).__name__}: "
+                      f"{str(error)[:100]} | |")
+                continue
+            print(f"| {bm}, {bn}, {bk}, {warps}, {stages}, {normed_input} | {us:.1f} | "
+                  f"{n_in * k_in * 2 / us / 1e6:.2f} |", flush=True)
+        print("| out_proj: BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, NEXT | µs | TB/s |\n|---|---:|---:|")
+        for bm, bn, bk, split_k, warps, stages, next_input in ROWS_OUT_ALONE:
+            def launch(i):
+                m = layers[i]
+                out_kernel[(triton.cdiv(n_out, bn), split_k)](
+                    gated, parts, m.out_proj.weight, m.out_proj.weight, out, split, count, residual, res_out,
+                    norm_ws[i], squares, batch, n_out, k_out,
+                    m.out_proj.weight.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
+                    HAS_BIAS=False, BLOCK_G=triton.next_power_of_2(s.groups),
+                    BLOCK_PARTS=triton.next_power_of_2(n_parts), IEEE=False, USE_PDL=False, SPLIT_K=split_k,
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=False, NEXT=next_input, num_warps=warps,
+                    num_stages=stages)
+            try:
+                us = timed(launch)
+            except Exception as error:
+                print(f"| {bm}, {bn}, {bk}, {split_k}, {warps}, {stages}, {next_input} | failed: {type(error).__name__}: "
+                      f"{str(error)[:100]} | |")
+                continue
+            print(f"| {bm}, {bn}, {bk}, {split_k}, {warps}, {stages}, {next_input} | {us:.1f} | "
+                  f"{n_out * k_out * 2 / us / 1e6:.2f} |", flush=True)
+
+
+def _skinny_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def skinny_ptr(x_ptr, w_ptr, out_ptr, M, N, K, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        m = tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        k_len = K // SPLIT_K
+        for k0 in range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=(rows < N)[:, None], other=0.0,
+                        eviction_policy="evict_first")
+            x = tl.load(x_ptr + m[:, None] * K + cols[None, :], mask=(m < M)[:, None], other=0.0)
+            acc = tl.dot(w, tl.trans(x), acc)
+        out = tl.trans(acc)
+        tl.store(out_ptr + pid_k * M * N + m[:, None] * N + rows[None, :], out,
+                 mask=(m < M)[:, None] & (rows < N)[None, :])
+
+    @triton.jit
+    def skinny_tma(x_desc, w_desc, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WS: tl.constexpr):
+        pid, pid_k = tl.program_id(0), tl.program_id(1)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        k_len = K // SPLIT_K
+        for k0 in tl.range(pid_k * k_len, (pid_k + 1) * k_len, BLOCK_K, warp_specialize=WS):
+            w = w_desc.load([pid * BLOCK_N, k0])
+            x = x_desc.load([0, k0])
+            acc = tl.dot(w, tl.trans(x), acc)
+        out = tl.trans(acc)
+        m = tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + pid_k * M * N + m[:, None] * N + rows[None, :], out,
+                 mask=(m < M)[:, None] & (rows < N)[None, :])
+
+    return triton, skinny_ptr, skinny_tma
+
+
+# --part skinny: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) per product
+SKINNY = {"in_proj": [(64, 64, 1, 4, 6), (64, 128, 1, 4, 4), (64, 128, 1, 4, 6), (128, 64, 1, 4, 6),
+                      (128, 128, 1, 8, 4), (64, 128, 2, 4, 4), (64, 256, 1, 4, 3), (128, 128, 1, 4, 4),
+                      (128, 256, 1, 8, 3)],
+          "out_proj": [(64, 128, 2, 4, 5), (64, 128, 4, 4, 4), (64, 256, 2, 4, 3), (128, 128, 4, 8, 4),
+                       (64, 64, 4, 4, 8), (64, 128, 1, 4, 6), (128, 256, 4, 8, 3), (128, 128, 2, 4, 4)]}
+
+
+def skinny_bench(model, batches: list[int], hows: list[str]):
+    """--part skinny (see the module's docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    triton, skinny_ptr, skinny_tma = _skinny_kernels()
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    lm = model.model.language_model
+    weights = {"in_proj": [layer.mixer.in_proj.weight for layer in lm.layers],
+               "out_proj": [layer.mixer.out_proj.weight for layer in lm.layers]}
+
+    def timed(launch) -> float:
+        for i in range(len(lm.layers)):
+            launch(i)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(len(lm.layers)):
+                launch(i)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.key.startswith("skinny")]
+        return sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+
+    names = {"ptr": "cp.async", "tma": "TMA", "tma-ws": "TMA, warp-specialised"}
+    for batch in batches:
+        print(f"\n===== bare 16-row products, batch {batch}: µs per call (TB/s of weights)")
+        print("| product | BLOCK_N, BLOCK_K, SPLIT_K, warps, stages | " + " | ".join(names[h] for h in hows) + " |")
+        print("|---|---|" + "---:|" * len(hows))
+        for product, configs in SKINNY.items():
+            n, k = weights[product][0].shape
+            x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(4, batch, n, device="cuda")
+            for bn, bk, split, warps, stages in configs:
+                row = []
+                for how in hows:
+                    meta = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps,
+                                num_stages=stages)
+                    if how == "ptr":
+                        def launch(i):
+                            w = weights[product][i]
+                            skinny_ptr[(triton.cdiv(n, bn), split)](x, w, out, batch, n, k, w.stride(0), **meta)
+                    else:
+                        x_desc = TensorDescriptor.from_tensor(x[:batch], [16, bk])
+                        descs = [TensorDescriptor.from_tensor(w, [bn, bk]) for w in weights[product]]
+
+                        def launch(i, x_desc=x_desc, descs=descs, ws=how == "tma-ws"):
+                            skinny_tma[(triton.cdiv(n, bn), split)](x_desc, descs[i], out, batch, n, k, WS=ws,
+                                                                    **meta)
+                    try:
+                        us = timed(launch)
+                        row.append(f"{us:.1f} ({n * k * 2 / us / 1e6:.2f})")
+                    except Exception as error:
+                        row.append(f"failed ({type(error).__name__}: {str(error)[:60]})")
+                print(f"| {product} | {bn}, {bk}, {split}, {warps}, {stages} | " + " | ".join(row) + " |",
+                      flush=True)
+
+
 def gemv_bench(model):
     """The layer's two matrix-vector products at batch 1: cuBLAS (F.linear) against the Triton kernel (decode_gemv),
     64 calls captured in a CUDA graph (as in the step), µs per call and TB/s of weights read."""
@@ -379,9 +611,15 @@ def main():
     if "gemv" in parts:
         gemv_bench(model)
     if "kernels" in parts:
-        step_kernels(model)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for state_dtype in args.state_dtypes.split(","):
+                step_kernels(model, batch, state_dtype)
     if "sweep" in parts:
         sweep(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","))
+    if "skinny" in parts:
+        skinny_bench(model, [int(b) for b in args.batches.split(",") if int(b) > 1], args.skinny.split(","))
+    if "rows" in parts:
+        rows_products(model, [int(b) for b in args.batches.split(",") if int(b) > 1])
     if "decode" in parts:
         decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","))
 

@@ -18,6 +18,7 @@ import torch
 from tests.tiny import tiny_model, tiny_text_config
 
 from modeling_mlmamba.generation_mlmamba import (
+    ChainedInput,
     _fused_kernels,
     _torch_conv_update,
     _torch_state_update,
@@ -161,3 +162,70 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
     # bf16 by truncation where the GPU rounds to nearest
     torch.testing.assert_close(state16.float(), state32.bfloat16().float(), atol=1e-6, rtol=2**-7)
     assert not torch.equal(state16, initial), "the state did not move"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3)],
+                         ids=["whole-rows", "split-k"])
+@pytest.mark.parametrize(
+    "text_overrides",
+    [dict(num_hidden_layers=3), dict(num_hidden_layers=3, residual_in_fp32=False),
+     dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
+    ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
+)
+@torch.no_grad()
+def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text_overrides):
+    """2-16 rows with `next_norm_w`: each layer's out_proj forms the next layer's input (ChainedInput: h scaled by
+    the next norm's weight, and the sums of squares that give its RMS) and the next in_proj takes it as it is. The
+    layers of a tiny LM chained over three tokens against the torch layer function layer by layer: every handed-over
+    value against the one formed from the torch layer's (residual, output), the states, and the last layer's
+    (residual, output), which it returns unchained."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
+    device = "cuda" if ON_GPU else "cpu"
+    model = tiny_model(seed=11, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
+    lm = model.model.language_model
+    with torch.no_grad():  # non-trivial norm weights, biases, D and dt_bias
+        for p in lm.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)).to(p) * 0.1)
+    reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    configs = {"in_proj": dict(BLOCK_N=16, BLOCK_K=16, PREFETCH=False, num_stages=2),
+               "out_proj": dict(BLOCK_K=16, PREFETCH=False, num_stages=2, **out_config)}
+    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
+    generator = torch.Generator().manual_seed(12)
+    batch = 3
+    layers = [_layer_inputs(lm, i, dtype, device, generator, batch) for i in range(len(lm.layers))]
+    states = [[(conv.clone(), ssm.clone()) for _, _, _, conv, ssm in layers] for _ in range(2)]
+    residual, out = layers[0][1], layers[0][2]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for step in range(3):
+        expected, got = (residual, out), (residual, out)
+        for index, (weights, *_) in enumerate(layers):
+            last = index == len(layers) - 1
+            expected = reference(*expected, *states[0][index], *weights)
+            got = fused(*got, *states[1][index], *weights,
+                        next_norm_w=None if last else layers[index + 1][0][0])
+            where = f"layer {index}, token {step}"
+            torch.testing.assert_close(states[1][index][0], states[0][index][0], **tol, msg=f"conv state, {where}")
+            torch.testing.assert_close(states[1][index][1], states[0][index][1], **tol, msg=f"SSM state, {where}")
+            if last:
+                for name, a, b in zip(("residual", "output"), got, expected):
+                    assert a.shape == b.shape and a.dtype == b.dtype, name
+                    torch.testing.assert_close(a, b, **tol, msg=f"{name}, {where}")
+                continue
+            # the next block's input and its norm, from the torch layer's results
+            h = expected[0] + expected[1]
+            h = h.float() if lm.config.residual_in_fp32 else h
+            x = h.to(dtype).float()
+            next_norm_w = layers[index + 1][0][0]
+            residual_got, chained = got
+            assert isinstance(chained, ChainedInput)
+            torch.testing.assert_close(residual_got, h, **tol, msg=f"residual, {where}")
+            torch.testing.assert_close(chained.normed, (next_norm_w.float() * x).to(dtype), **tol,
+                                       msg=f"normed input, {where}")
+            assert chained.squares.shape == (batch, -(-lm.config.hidden_size // out_config["BLOCK_N"]))
+            torch.testing.assert_close(chained.squares.sum(-1), x.pow(2).sum(-1).view(batch), **tol,
+                                       msg=f"sums of squares, {where}")
+        residual, out = expected
+    assert not torch.equal(states[1][0][1], layers[0][4]), "the SSM state did not move"

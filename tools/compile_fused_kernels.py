@@ -91,9 +91,15 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     meta, options = tuned("in_proj", "rows", 10576, 2560)
     out.append(("in_proj, 2-16 sequences", "norm_in_proj_conv_rows", residual,
                 dict(conv, IEEE=False, BLOCK_M=16, **meta), options))
+    out.append(("in_proj, 2-16 sequences, chained input", "norm_in_proj_conv_rows",
+                dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32"),
+                dict(conv, IEEE=False, BLOCK_M=16, NORMED=True, BLOCK_SQUARES=64, **meta), options))
     meta, options = tuned("out_proj", "rows", 2560, 5120)
-    out.append(("out_proj, 2-16 sequences", "gated_norm_out_proj_rows", parts,
+    out.append(("out_proj, 2-16 sequences", "gated_norm_out_proj_rows", dict(parts, **residual),
                 dict(gated, IEEE=False, BLOCK_M=16, **meta), options))
+    out.append(("out_proj, 2-16 sequences, forming the next input", "gated_norm_out_proj_rows",
+                dict(parts, **residual, squares_ptr="fp32"), dict(gated, IEEE=False, BLOCK_M=16, NEXT=True, **meta),
+                options))
     return out
 
 
@@ -114,7 +120,8 @@ def main():
         fn = by_name[name]
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
-        shown = {k: v for k, v in constants.items() if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE"))}
+        shown = {k: v for k, v in constants.items()
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -127,7 +134,8 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            (args.ptx_dir / f"{name}.ptx").write_text(ptx)
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT") if constants.get(k))
+            (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:
         sys.exit(f"{failed} kernel(s) did not compile")
 

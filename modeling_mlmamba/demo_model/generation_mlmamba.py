@@ -39,6 +39,7 @@ import contextlib
 import gc
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -265,28 +266,26 @@ def _fused_kernels(autotune: bool = True):
             return tl.dot(w, tl.trans(x), acc)
 
     @triton.jit
-    def _finish_out_proj(out, offsets, mask, rows, row_mask, b_ptr, out_ptr, split_ptr, split_stride, count_ptr,
-                         pid_n, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-        # out_proj's result (`offsets` into the output, the bias indexed by weight row). Split over K: each program
-        # leaves its partial sums; the last of a row block's programs to finish adds them up, in split order (so the
-        # result does not depend on which finished last) and resets the block's counter
+    def _out_proj_total(out, offsets, mask, rows, row_mask, b_ptr, split_ptr, split_stride, count_ptr, pid_n, pid_k,
+                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        # out_proj's result (`offsets` into the output, the bias indexed by weight row) and whether this program holds
+        # it. Split over K: each program leaves its partial sums; the last of a row block's programs to finish adds
+        # them up, in split order (so the result does not depend on which finished last) and resets the block's
+        # counter; the others hold nothing (their loads are masked off)
+        last = pid_k == 0
         if SPLIT_K > 1:
             tl.store(split_ptr + pid_k * split_stride + offsets, out, mask=mask)
             tl.debug_barrier()
             done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            if done == SPLIT_K - 1:
-                total = tl.zeros_like(out)
-                for split in tl.static_range(SPLIT_K):
-                    total += tl.load(split_ptr + split * split_stride + offsets, mask=mask, other=0.0,
-                                     cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(count_ptr + pid_n, 0)
-        else:
-            if HAS_BIAS:
-                out += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+            last = done == SPLIT_K - 1
+            out = tl.zeros_like(out)
+            for split in tl.static_range(SPLIT_K):
+                out += tl.load(split_ptr + split * split_stride + offsets, mask=mask & last, other=0.0,
+                               cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + pid_n, 0, mask=last)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rows, mask=row_mask & last, other=0.0).to(tl.float32)
+        return out, last
 
     @triton.jit
     def _wait_for_previous(USE_PDL: tl.constexpr, LAUNCH_EARLY: tl.constexpr):
@@ -303,7 +302,7 @@ def _fused_kernels(autotune: bool = True):
 
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
-    globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _finish_out_proj=_finish_out_proj,
+    globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
                      _wait_for_previous=_wait_for_previous)
 
     @triton.jit
@@ -458,8 +457,9 @@ def _fused_kernels(autotune: bool = True):
         out = tl.sum(acc, axis=1)
         if BLOCK_G == 1:
             out *= tl.sum(inv_g, axis=0)
-        _finish_out_proj(out, rows, row_mask, rows, row_mask, b_ptr, out_ptr, split_ptr, N, count_ptr, pid_n, pid_k,
-                         HAS_BIAS, SPLIT_K)
+        out, last = _out_proj_total(out, rows, row_mask, rows, row_mask, b_ptr, split_ptr, N, count_ptr, pid_n, pid_k,
+                                    HAS_BIAS, SPLIT_K)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_mask & last)
 
     # ---- a few rows (batch 2-16): the same three steps with the products on tensor cores (tl.dot over a 16-row
     # tile), each weight tile read once for all rows; the SSM kernel above already takes any batch
@@ -467,12 +467,16 @@ def _fused_kernels(autotune: bool = True):
     def norm_in_proj_conv_rows(
         res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
         M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
-        eps, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr, D_CONV: tl.constexpr,
-        BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
+        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1,
     ):
+        # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
+        # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
+        # the weight and that input into the tensor cores; else h = res + prev and its statistics are formed here
         pid = tl.program_id(0)
         dtype = norm_w_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
@@ -492,18 +496,28 @@ def _fused_kernels(autotune: bool = True):
             else:
                 w = _matvec_tile(w_ptr, rows, cols, row_mask, K, stride_wn)
             x_mask = m_mask[:, None] & (cols < K)[None, :]
-            h = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            h += tl.load(prev_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            h = h.to(res_out_ptr.dtype.element_ty)
-            tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & (pid == 0))
-            x = h.to(dtype).to(tl.float32)
-            squares += x * x
-            x = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :] * x
-            acc = _rows_dot(x.to(w.dtype), w, acc, IEEE)
+            if NORMED:
+                x = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0)
+                acc = _rows_dot(x, w, acc, IEEE)
+            else:
+                h = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                h += tl.load(prev_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
+                h = h.to(res_out_ptr.dtype.element_ty)
+                tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & (pid == 0))
+                x = h.to(dtype).to(tl.float32)
+                squares += x * x
+                x = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :] * x
+                acc = _rows_dot(x.to(w.dtype), w, acc, IEEE)
             if PREFETCH:
                 w = w_next
         acc = tl.trans(acc)
-        val = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+        if NORMED:
+            i = tl.arange(0, BLOCK_SQUARES)
+            total = tl.sum(tl.load(prev_ptr + m[:, None] * n_squares + i[None, :],
+                                   mask=m_mask[:, None] & (i < n_squares)[None, :], other=0.0), axis=1)
+        else:
+            total = tl.sum(squares, axis=1)
+        val = acc * tl.rsqrt(total / K + eps)[:, None]
         if HAS_BIAS:
             val += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         val = val.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -531,13 +545,18 @@ def _fused_kernels(autotune: bool = True):
 
     @triton.jit
     def gated_norm_out_proj_rows(
-        u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, M, N, K, stride_wn, n_parts, parts_per_group,
-        group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_PARTS: tl.constexpr,
-        IEEE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        u_ptr, part_ptr, w_ptr, b_ptr, out_ptr, split_ptr, count_ptr, res_ptr, res_out_ptr, next_norm_w_ptr,
+        squares_ptr,
+        M, N, K, stride_wn, n_parts, parts_per_group, group_size, eps, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_PARTS: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
+        NEXT: tl.constexpr = False,
     ):
+        # NEXT: instead of the mixer output, form the next layer's input (see norm_in_proj_conv_rows's NORMED): the
+        # block's output h = residual + mixer output into res_out_ptr, next_norm_w * h into out_ptr, and per row
+        # this program's sum of h^2 into squares_ptr (one column per row block, summed in order by the next in_proj)
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
@@ -574,9 +593,22 @@ def _fused_kernels(autotune: bool = True):
         out = tl.trans(acc)
         if BLOCK_G == 1:
             out *= tl.sum(inv, axis=1)[:, None]
-        _finish_out_proj(out, m[:, None] * N + rows[None, :], m_mask[:, None] & row_mask[None, :], rows[None, :],
-                         row_mask[None, :], b_ptr, out_ptr, split_ptr, M * N, count_ptr, pid_n, pid_k, HAS_BIAS,
-                         SPLIT_K)
+        offsets = m[:, None] * N + rows[None, :]
+        mask = m_mask[:, None] & row_mask[None, :]
+        out, last = _out_proj_total(out, offsets, mask, rows[None, :], row_mask[None, :], b_ptr, split_ptr, M * N,
+                                    count_ptr, pid_n, pid_k, HAS_BIAS, SPLIT_K)
+        mask = mask & last
+        out = out.to(out_ptr.dtype.element_ty)  # the mixer output's dtype
+        if NEXT:
+            h = tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + out.to(tl.float32)
+            h = h.to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + offsets, h, mask=mask)
+            x = h.to(next_norm_w_ptr.dtype.element_ty).to(tl.float32)  # the norm's input dtype
+            tl.store(squares_ptr + m * tl.num_programs(0) + pid_n, tl.sum(x * x, axis=1), mask=m_mask & last)
+            x *= tl.load(next_norm_w_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + offsets, out, mask=mask)
 
     if autotune:
         configs = [
@@ -685,7 +717,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         return lambda m: (triton.cdiv(n, m["BLOCK_N"]), m.get("SPLIT_K", 1))
 
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
-                   gated_w, out_w, out_b):
+                   gated_w, out_w, out_b, next_norm_w=None):
         batch = residual.shape[0]
         if (
             not 1 <= batch <= FUSED_MAX_ROWS
@@ -697,16 +729,21 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 f"{in_w.shape[1]}), conv state as long as the conv kernel, {conv_w.shape[-1]}); got residual "
                 f"{tuple(residual.shape)}, conv state {tuple(conv_state.shape)}"
             )
-        with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():  # Triton launches there
+        with torch.cuda.device(residual.device) if residual.is_cuda else contextlib.nullcontext():  # Triton's device
             return _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log,
-                           D, gated_w, out_w, out_b)
+                           D, gated_w, out_w, out_b, next_norm_w)
 
     def _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
-                gated_w, out_w, out_b):
+                gated_w, out_w, out_b, next_norm_w):
         batch = residual.shape[0]
-        residual, out = residual.contiguous(), out.contiguous()
+        chained = isinstance(out, ChainedInput)  # the previous layer formed this one's input (and residual)
+        if chained:
+            res_out, squares = residual, out.squares
+            out = out.normed
+        else:
+            residual, out = residual.contiguous(), out.contiguous()
+            res_out = torch.empty_like(residual)
         n_in, k_in = in_w.shape
-        res_out = torch.empty_like(residual)
         projected = out.new_empty(batch, 1, n_in)
         conv_w2 = conv_w.view(conv_w.shape[0], conv_w.shape[-1])
         kind = "matvec" if batch == 1 else "rows"
@@ -716,19 +753,24 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                          SILU=s.activation in ("silu", "swish"), D_CONV=conv_w.shape[-1],
                          BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **pdl, **in_meta)
         if batch == 1:
+            if chained:
+                raise ValueError("a chained input (ChainedInput) is formed for 2-16 sequences only")
             in_kernel[grid(n_in)](
                 residual, out, norm_w, res_out, in_w, in_b if in_b is not None else in_w, projected,
                 conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
                 n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
                 conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
             )
-        else:
+        else:  # chained: the normalised input and its sums of squares in place of the residual and the output
             in_kernel[grid(n_in)](
-                residual, out, norm_w, res_out, in_w, in_b if in_b is not None else in_w, projected,
+                out if chained else residual, squares if chained else out, norm_w, res_out, in_w,
+                in_b if in_b is not None else in_w, projected,
                 conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
                 batch, n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, *conv_state.stride(),
-                conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, IEEE=in_w.dtype == torch.float32,
-                BLOCK_M=FUSED_MAX_ROWS, **conv_args,
+                conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, squares.shape[1] if chained else 0,
+                # a tile of 8 rows where the batch fits (Hopper's wgmma n8: measured ~3% faster at batch 8)
+                IEEE=in_w.dtype == torch.float32, BLOCK_M=8 if batch <= 8 else FUSED_MAX_ROWS, NORMED=chained,
+                BLOCK_SQUARES=triton.next_power_of_2(squares.shape[1]) if chained else 1, **conv_args,
             )
         gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
@@ -755,15 +797,36 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
                 out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps, **norm_args,
             )
-        else:
-            out_kernel[grid(n_out)](
-                gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, batch, n_out,
-                k_out, out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
-                IEEE=out_w.dtype == torch.float32, BLOCK_M=FUSED_MAX_ROWS, **norm_args,
-            )
+            return res_out, new_out
+        # 2-16 rows: with the next layer's norm weight (and out_proj's row blocks known), form its input here
+        chain = next_norm_w is not None and "BLOCK_N" in out_meta
+        if chain:
+            next_squares = torch.empty(batch, triton.cdiv(n_out, out_meta["BLOCK_N"]), device=out.device,
+                                       dtype=torch.float32)
+            next_res = torch.empty_like(res_out)
+        out_kernel[grid(n_out)](
+            gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, res_out,
+            next_res if chain else res_out, next_norm_w if chain else out_w, next_squares if chain else parts,
+            batch, n_out, k_out, out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
+            IEEE=out_w.dtype == torch.float32, BLOCK_M=FUSED_MAX_ROWS, NEXT=chain, **norm_args,
+        )
+        if chain:
+            return next_res, ChainedInput(new_out, next_squares)
         return res_out, new_out
 
+    block_step.chains_layers = True
     return block_step
+
+
+class ChainedInput(NamedTuple):
+    """What the fused layer hands the next one for 2-16 sequences when given the next layer's norm weight
+    (`next_norm_w`), in place of its mixer output: the next block's input scaled by that norm's weight but not yet
+    by its RMS (`normed`, (batch, 1, hidden)), and the sums of squares that give the RMS (`squares`, per row, one
+    per out_proj row block); the residual it returns beside it is already the next block's input h. The next
+    layer's in_proj then only streams its weights and this input (norm_in_proj_conv_rows, NORMED)."""
+
+    normed: torch.Tensor
+    squares: torch.Tensor
 
 
 # Launch configurations of the fused layer's products measured in the captured decode step of the released model
@@ -1138,12 +1201,16 @@ class DecodeGraphRunner:
         hidden = lm.embeddings(input_ids)
         residual = hidden.float() if lm.config.residual_in_fp32 else hidden
         out = torch.zeros_like(hidden)  # layer 0 adds nothing to its input
-        for layer, states in zip(lm.layers, cache.layers):
+        layers = lm.layers
+        for index, (layer, states) in enumerate(zip(layers, cache.layers)):
             mixer = layer.mixer
+            # the fused layer forms the next layer's normalised input in its last kernel (ChainedInput)
+            chain = {} if not getattr(block, "chains_layers", False) else dict(
+                next_norm_w=layers[index + 1].norm.weight if index + 1 < len(layers) else None)
             residual, out = block(
                 residual, out, states.conv_states[0], states.recurrent_states[0], layer.norm.weight,
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
-                mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias,
+                mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias, **chain,
             )
         hidden = lm.norm_f(residual + out).to(model.lm_head.weight.dtype)
         gemv = decode_gemv() if batch_size == 1 and hidden.is_cuda else None
