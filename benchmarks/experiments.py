@@ -21,6 +21,9 @@
                    rows, split over K, partial sums stored; nothing else in the kernel): pointer loads through
                    Triton's software pipelining (cp.async) against tensor-memory-accelerator descriptors (TMA), with
                    and without warp specialisation; in_proj's and out_proj's shapes, µs per call and TB/s.
+  --part ssm       the fused layer's SSM update (ssm_step_gate) alone at each of --batches and --state-dtypes, for
+                   head-dim rows per program (BLOCK_P) and warps: µs per call over the 64 layers' distinct states
+                   (one by one, from the profiler) and the state bytes read and written over it.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
                    SSM state in float32 or bfloat16, batch 1 as three fused Triton kernels per layer or as the
                    compiled layer, causal_conv1d's kernel or inductor's code for the conv update, inductor's default
@@ -572,6 +575,55 @@ def skinny_bench(model, batches: list[int], hows: list[str]):
                       flush=True)
 
 
+SSM_ALONE = [(16, 4), (16, 2), (8, 2), (8, 1), (32, 4), (32, 8), (64, 4), (64, 8)]  # (BLOCK_P, num_warps)
+
+
+def ssm_alone(model, batches: list[int], state_dtypes: list[str]):
+    """--part ssm (see the module's docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lm = model.model.language_model
+    tc = lm.config
+    s = generation_mlmamba._block_shape(lm)
+    triton, kernels = generation_mlmamba._fused_kernels(autotune=False)
+    ssm_step_gate = kernels[1]
+    mixers = [layer.mixer for layer in lm.layers]
+    n_in = mixers[0].in_proj.weight.shape[0]
+    x_start = s.intermediate
+    b_start = x_start + s.intermediate
+    c_start = b_start + s.groups * s.state
+    dt_start = c_start + s.groups * s.state
+    for batch in batches:
+        projected = torch.randn(batch, 1, n_in, device="cuda", dtype=torch.bfloat16)
+        gated = torch.empty(batch, s.intermediate, device="cuda", dtype=torch.bfloat16)
+        parts = torch.empty(batch, s.heads * s.head_dim, device="cuda")
+        for dtype_name in state_dtypes:
+            states = [torch.randn(batch, s.heads, s.head_dim, s.state, device="cuda").to(getattr(torch, dtype_name))
+                      for _ in mixers]
+            nbytes = 2 * states[0].numel() * states[0].element_size()
+            print(f"\n===== SSM update alone, batch {batch}, {dtype_name} state ({nbytes / 1e6:.1f} MB read + written)")
+            print("| BLOCK_P, warps | µs | TB/s |\n|---|---:|---:|")
+            for block_p, warps in SSM_ALONE:
+                def launch(i):
+                    m = mixers[i]
+                    ssm_step_gate[(triton.cdiv(s.head_dim, block_p), s.heads, batch)](
+                        projected, states[i], m.A_log, m.D, m.dt_bias, m.norm.weight, gated, parts,
+                        projected.stride(0), *states[i].stride(), gated.stride(0), parts.stride(0),
+                        x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
+                        HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=block_p, BLOCK_S=triton.next_power_of_2(s.state),
+                        USE_PDL=False, num_warps=warps)
+                for i in range(len(mixers)):
+                    launch(i)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for i in range(len(mixers)):
+                        launch(i)
+                    torch.cuda.synchronize()
+                events = [e for e in prof.key_averages() if e.key.startswith("ssm_step_gate")]
+                us = sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+                print(f"| {block_p}, {warps} | {us:.1f} | {nbytes / us / 1e6:.2f} |", flush=True)
+
+
 def gemv_bench(model):
     """The layer's two matrix-vector products at batch 1: cuBLAS (F.linear) against the Triton kernel (decode_gemv),
     64 calls captured in a CUDA graph (as in the step), µs per call and TB/s of weights read."""
@@ -618,6 +670,8 @@ def main():
         sweep(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","))
     if "skinny" in parts:
         skinny_bench(model, [int(b) for b in args.batches.split(",") if int(b) > 1], args.skinny.split(","))
+    if "ssm" in parts:
+        ssm_alone(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","))
     if "rows" in parts:
         rows_products(model, [int(b) for b in args.batches.split(",") if int(b) > 1])
     if "decode" in parts:

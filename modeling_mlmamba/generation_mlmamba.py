@@ -472,7 +472,7 @@ def _fused_kernels(autotune: bool = True):
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
-        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1,
+        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
     ):
         # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
         # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
@@ -524,17 +524,34 @@ def _fused_kernels(autotune: bool = True):
         # the conv update of the xBC channels, per row of the batch
         c = rows - conv_start
         is_conv = row_mask & (c >= 0) & (c < conv_dim)
-        j = tl.arange(0, BLOCK_C)
-        conv_mask = m_mask[:, None, None] & is_conv[None, :, None] & (j < D_CONV)[None, None, :]
-        base = conv_state_ptr + m[:, None, None] * stride_cs_b + c[None, :, None] * stride_cs_c
-        shifted = tl.load(base + (j + 1)[None, None, :] * stride_cs_k,
-                          mask=conv_mask & (j + 1 < D_CONV)[None, None, :], other=0.0)
-        state_dtype = conv_state_ptr.dtype.element_ty
-        window = tl.where((j == D_CONV - 1)[None, None, :], val.to(state_dtype)[:, :, None], shifted)
-        tl.store(base + j[None, None, :] * stride_cs_k, window, mask=conv_mask)
-        conv_w = tl.load(conv_w_ptr + c[:, None] * stride_cw_c + j[None, :] * stride_cw_k,
-                         mask=is_conv[:, None] & (j < D_CONV)[None, :], other=0.0).to(tl.float32)
-        conv = tl.sum(window.to(tl.float32) * conv_w[None, :, :], axis=2)
+        if PACKED_CONV:
+            # 16-bit states and weights, 4 taps: a channel's state (and its conv weights) as one 64-bit word, the
+            # oldest tap in the low bits (conv_state_ptr, conv_w_ptr: int64 views), so that the update is one load
+            # and one store per channel instead of 2-byte accesses per tap
+            dtype16 = out_ptr.dtype.element_ty
+            word_mask = m_mask[:, None] & is_conv[None, :]
+            words = tl.load(conv_state_ptr + m[:, None] * stride_cs_b + c[None, :], mask=word_mask, other=0)
+            newest = val.to(dtype16).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
+            words = ((words >> 16) & 0xFFFFFFFFFFFF) | (newest << 48)
+            tl.store(conv_state_ptr + m[:, None] * stride_cs_b + c[None, :], words, mask=word_mask)
+            weight_words = tl.load(conv_w_ptr + c, mask=is_conv, other=0)
+            conv = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for tap in tl.static_range(D_CONV):
+                x_tap = ((words >> (16 * tap)) & 0xFFFF).to(tl.int16).to(dtype16, bitcast=True).to(tl.float32)
+                w_tap = ((weight_words >> (16 * tap)) & 0xFFFF).to(tl.int16).to(dtype16, bitcast=True)
+                conv += x_tap * w_tap.to(tl.float32)[None, :]
+        else:
+            j = tl.arange(0, BLOCK_C)
+            conv_mask = m_mask[:, None, None] & is_conv[None, :, None] & (j < D_CONV)[None, None, :]
+            base = conv_state_ptr + m[:, None, None] * stride_cs_b + c[None, :, None] * stride_cs_c
+            shifted = tl.load(base + (j + 1)[None, None, :] * stride_cs_k,
+                              mask=conv_mask & (j + 1 < D_CONV)[None, None, :], other=0.0)
+            state_dtype = conv_state_ptr.dtype.element_ty
+            window = tl.where((j == D_CONV - 1)[None, None, :], val.to(state_dtype)[:, :, None], shifted)
+            tl.store(base + j[None, None, :] * stride_cs_k, window, mask=conv_mask)
+            conv_w = tl.load(conv_w_ptr + c[:, None] * stride_cw_c + j[None, :] * stride_cw_k,
+                             mask=is_conv[:, None] & (j < D_CONV)[None, :], other=0.0).to(tl.float32)
+            conv = tl.sum(window.to(tl.float32) * conv_w[None, :, :], axis=2)
         if HAS_CONV_BIAS:
             conv += tl.load(conv_b_ptr + c, mask=is_conv, other=0.0).to(tl.float32)[None, :]
         if SILU:
@@ -762,12 +779,18 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
             )
         else:  # chained: the normalised input and its sums of squares in place of the residual and the output
+            packed = (conv_w.shape[-1] == 4 and conv_state.dtype == conv_w2.dtype == projected.dtype
+                      and conv_state.dtype in (torch.bfloat16, torch.float16) and conv_state.stride()[1:] == (4, 1)
+                      and conv_w2.stride() == (4, 1) and conv_state.data_ptr() % 8 == 0
+                      and conv_w2.data_ptr() % 8 == 0)
+            states = conv_state.view(torch.int64) if packed else conv_state
+            taps = conv_w2.view(torch.int64) if packed else conv_w2
             in_kernel[grid(n_in)](
                 out if chained else residual, squares if chained else out, norm_w, res_out, in_w,
                 in_b if in_b is not None else in_w, projected,
-                conv_state, conv_w2, conv_b if conv_b is not None else conv_w2,
-                batch, n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, *conv_state.stride(),
-                conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, squares.shape[1] if chained else 0,
+                states, taps, conv_b if conv_b is not None else conv_w2,
+                batch, n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, *states.stride(),
+                taps.stride(0), taps.stride(1), s.norm_eps, squares.shape[1] if chained else 0, PACKED_CONV=packed,
                 # a tile of 8 rows where the batch fits (Hopper's wgmma n8: measured ~3% faster at batch 8)
                 IEEE=in_w.dtype == torch.float32, BLOCK_M=8 if batch <= 8 else FUSED_MAX_ROWS, NORMED=chained,
                 BLOCK_SQUARES=triton.next_power_of_2(squares.shape[1]) if chained else 1, **conv_args,
@@ -779,7 +802,9 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
-            BLOCK_S=triton.next_power_of_2(s.state), **pdl,
+            # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
+            # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
+            BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
         )
         n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)

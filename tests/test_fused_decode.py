@@ -54,7 +54,7 @@ def _layer_inputs(lm, layer_index, dtype, device, generator, batch=1):
     return weights, residual, out, conv_state, ssm_state
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3], ids=["one-sequence", "three-sequences"])
 @pytest.mark.parametrize("split_k", [1, 3], ids=["whole-rows", "split-k"])
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
     assert not torch.equal(state16, initial), "the state did not move"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3)],
                          ids=["whole-rows", "split-k"])
 @pytest.mark.parametrize(

@@ -85,15 +85,17 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
         out.append((f"SSM update, {state} state", "ssm_step_gate",
                     dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
-                    dict(num_warps=4)))
+                    dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
-    out.append(("in_proj, 2-16 sequences", "norm_in_proj_conv_rows", residual,
-                dict(conv, IEEE=False, BLOCK_M=16, **meta), options))
+    packed = dict(conv_state_ptr="i64", conv_w_ptr="i64")  # the conv update on 64-bit words (bf16 states)
+    out.append(("in_proj, 2-16 sequences", "norm_in_proj_conv_rows", dict(residual, **packed),
+                dict(conv, IEEE=False, BLOCK_M=8, PACKED_CONV=True, **meta), options))
     out.append(("in_proj, 2-16 sequences, chained input", "norm_in_proj_conv_rows",
-                dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32"),
-                dict(conv, IEEE=False, BLOCK_M=16, NORMED=True, BLOCK_SQUARES=64, **meta), options))
+                dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32", **packed),
+                dict(conv, IEEE=False, BLOCK_M=8, NORMED=True, BLOCK_SQUARES=64, PACKED_CONV=True, **meta),
+                options))
     meta, options = tuned("out_proj", "rows", 2560, 5120)
     out.append(("out_proj, 2-16 sequences", "gated_norm_out_proj_rows", dict(parts, **residual),
                 dict(gated, IEEE=False, BLOCK_M=16, **meta), options))
