@@ -265,19 +265,13 @@ MATVEC_IN = _candidates([(32, 256, 4), (16, 256, 4), (64, 128, 8), (16, 512, 4),
 MATVEC_OUT = _candidates([(4, 1024, 4, 1), (4, 512, 4, 1), (8, 512, 4, 1), (8, 512, 4, 2), (16, 256, 4, 4),
                           (8, 1024, 8, 1), (4, 1024, 8, 1), (8, 1024, 4, 1), (4, 2048, 4, 1), (2, 2048, 4, 1),
                           (4, 1024, 2, 1), (2, 1024, 2, 1)], num_stages=2, names=("SPLIT_K",))
-ROWS_IN = (
-    _candidates([(64, 128, 4)], PREFETCH=True, num_stages=2)
-    + _candidates([(64, 64, 4, 6), (64, 64, 4, 8), (64, 32, 4, 8), (64, 128, 4, 4), (64, 128, 4, 5),
-                   (128, 128, 8, 3), (128, 64, 8, 6), (128, 32, 4, 8), (64, 64, 8, 6), (32, 128, 4, 4)],
-                  PREFETCH=False, names=("num_stages",))
-)
-ROWS_OUT = (
-    _candidates([(32, 128, 4, 4)], PREFETCH=True, num_stages=2, names=("SPLIT_K",))
-    + _candidates([(64, 256, 4, 2, 3), (64, 256, 4, 2, 4), (64, 128, 4, 2, 5), (64, 128, 4, 4, 3),
-                   (128, 128, 8, 2, 3), (64, 256, 4, 1, 3), (64, 256, 8, 2, 3), (32, 256, 4, 2, 3),
-                   (64, 64, 4, 4, 6)],
-                  PREFETCH=False, names=("SPLIT_K", "num_stages"))
-)
+ROWS_IN = _candidates([(64, 64, 4, 6), (64, 64, 4, 8), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 4),
+                       (64, 128, 4, 5), (128, 128, 8, 3), (128, 64, 8, 6), (64, 64, 8, 6), (32, 128, 4, 4),
+                       (32, 128, 4, 6), (32, 256, 4, 3), (64, 256, 4, 3)], PREFETCH=False, names=("num_stages",))
+ROWS_OUT = _candidates([(64, 256, 4, 2, 3), (64, 256, 4, 2, 4), (64, 128, 4, 2, 5), (64, 128, 4, 3, 5),
+                        (64, 128, 4, 4, 4), (64, 64, 4, 4, 6), (128, 128, 8, 2, 3), (64, 256, 4, 1, 3),
+                        (32, 256, 4, 2, 3), (32, 128, 4, 4, 4), (32, 256, 4, 3, 3), (64, 128, 8, 4, 4)],
+                       PREFETCH=False, names=("SPLIT_K", "num_stages"))
 
 
 def _label(config: dict) -> str:
@@ -341,7 +335,13 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
             if not rows or any(key[2] == "rows" for key in generation_mlmamba.TUNED_CONFIGS):
                 print("production kernels (TUNED_CONFIGS / autotuner), next kernel launched after the wait / early: "
                       + " / ".join(f"{time_step(batch, state_dtype, None, early):.3f}" for early in (False, True)))
-            best = {"in_proj": (ROWS_IN if rows else MATVEC_IN)[0], "out_proj": (ROWS_OUT if rows else MATVEC_OUT)[0]}
+            # coordinate descent from TUNED_CONFIGS' entries where there are some (the first candidates otherwise):
+            # the products interact through the step, so one product is timed beside the other's best known config
+            best = {}
+            for product, weight, candidates in (("in_proj", in_w, ROWS_IN if rows else MATVEC_IN),
+                                                ("out_proj", out_w, ROWS_OUT if rows else MATVEC_OUT)):
+                key = (capability, product, kind, *weight.shape, str(weight.dtype).removeprefix("torch."))
+                best[product] = dict(generation_mlmamba.TUNED_CONFIGS.get(key, candidates[0]))
             for product, candidates in (("in_proj", ROWS_IN if rows else MATVEC_IN),
                                         ("out_proj", ROWS_OUT if rows else MATVEC_OUT)):
                 results = []
