@@ -238,7 +238,11 @@ def decode_gemv(namespace: str = "mlmamba"):
 # rounded once after its norm weight), in float32 only the order of the sums does.
 # `norm_in_proj_conv_rows` / `gated_norm_out_proj_rows` are the products for 2-16 sequences (tensor-core tiles of 16
 # rows with the weight tile as the wide operand, each weight tile read once for all rows, the tiles in flight through
-# Triton's software pipelining); `ssm_step_gate` takes any batch. They run by default where TUNED_CONFIGS has their
+# Triton's software pipelining); `ssm_step_gate` takes any batch. For 2-16 sequences the layers are also chained:
+# given the next layer's norm weight, out_proj's epilogue forms the next block's input (the residual add, the norm
+# weight, per-row-block sums of squares: `ChainedInput`), so that the next in_proj streams only its weights and that
+# input (recomputing the add and the statistics in every program cost in_proj ~15% at batch 8), and 16-bit conv states
+# are updated as one 64-bit word per channel. They run by default where TUNED_CONFIGS has their
 # launch configurations (measured faster than the compiled layer there), elsewhere on request
 # (MLMAMBA_FUSED_DECODE_MAX_BATCH).
 _FUSED: list = []  # [(triton, kernels) or None], resolved on first use
@@ -708,9 +712,14 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     step), from Triton's autotuner otherwise. `kernels` (e.g. `_fused_kernels(autotune=False)`) and `block_sizes`
     fix them instead (tests under Triton's interpreter, benchmarks/experiments.py): either BLOCK_N, BLOCK_K (and
     SPLIT_K for out_proj) for both products, or {"in_proj": {...}, "out_proj": {...}} with each product's own
-    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, num_warps, num_stages). `pdl`: programmatic dependent launch (by default where the GPU and Triton support it); with it, each
-    kernel lets the next one launch once its own programs have started (MLMAMBA_PDL_EARLY=0: once they have waited
-    for their inputs)."""
+    meta-parameters (BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH, num_warps, num_stages). `pdl`: programmatic dependent
+    launch (by default where the GPU and Triton support it); with it, each kernel lets the next one launch once its
+    own programs have started (MLMAMBA_PDL_EARLY=0: once they have waited for their inputs).
+
+    Chaining (2-16 sequences, out_proj's configuration fixed or tuned): called with `next_norm_w` (the next block's
+    RMSNorm weight), the function returns (the next block's input h, `ChainedInput`) instead of (residual, mixer
+    output), and takes that pair as its (residual, out) on the next layer; the last layer, called without
+    `next_norm_w`, returns the plain pair. The function carries `chains_layers = True` for callers to detect it."""
     found = fused_kernels() if kernels is None else kernels
     if found is None:
         return None

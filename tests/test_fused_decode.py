@@ -110,6 +110,9 @@ def test_fused_layer_refuses_a_batch_it_does_not_take():
               ssm_state.expand(17, -1, -1, -1), *weights)
     with pytest.raises(ValueError, match="one token of 1 to 16 sequences"):
         fused(residual.expand(1, 2, -1), out.expand(1, 2, -1), conv_state, ssm_state, *weights)
+    chained = ChainedInput(out, torch.ones(1, 2, device=device))  # only 2-16 sequences are chained
+    with pytest.raises(ValueError, match="for 2-16 sequences only"):
+        fused(residual, chained, conv_state, ssm_state, *weights)
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["next-tile-in-flight", "software-pipelined"])
