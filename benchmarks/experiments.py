@@ -374,12 +374,12 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
 
 
 # --part rows: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, NORMED; "noconv": NORMED without the conv
-# update's epilogue, to show its cost) of in_proj, and (BLOCK_M, BLOCK_N,
+# update's epilogue, to show its cost; "packed": NORMED with the conv update on 64-bit words, as in the step) of in_proj, and (BLOCK_M, BLOCK_N,
 # BLOCK_K, SPLIT_K, num_warps, num_stages, NEXT: forming the next layer's input) of out_proj; all with PREFETCH=False (Triton's software pipelining)
 ROWS_IN_ALONE = [(16, 64, 64, 4, 6, False), (16, 64, 64, 4, 6, True), (8, 64, 64, 4, 6, True),
-                 (8, 64, 64, 4, 6, "noconv"), (8, 64, 128, 4, 4, True), (8, 64, 128, 4, 4, "noconv"),
-                 (8, 64, 128, 4, 5, True), (8, 128, 128, 8, 4, True), (8, 32, 128, 4, 5, True),
-                 (8, 64, 64, 4, 8, True), (8, 64, 128, 8, 4, True)]
+                 (8, 64, 64, 4, 6, "noconv"), (8, 64, 64, 4, 6, "packed"), (8, 64, 128, 4, 4, True),
+                 (8, 64, 128, 4, 4, "noconv"), (8, 64, 128, 4, 4, "packed"), (8, 64, 256, 4, 3, "packed"),
+                 (8, 32, 128, 4, 5, "packed"), (8, 64, 128, 4, 5, True), (8, 128, 128, 8, 4, True)]
 ROWS_OUT_ALONE = [(16, 64, 256, 2, 4, 3, False), (16, 64, 256, 2, 4, 3, True), (16, 64, 128, 2, 4, 5, True),
                   (16, 64, 128, 1, 4, 6, True), (16, 64, 128, 3, 4, 5, True), (16, 128, 64, 4, 8, 6, True)]
 
@@ -431,14 +431,17 @@ def rows_products(model, batches: list[int]):
             def launch(i):
                 m = layers[i]
                 conv_w = m.conv1d.weight.view(s.conv_dim, -1)
+                states = conv
+                if normed_input == "packed":
+                    states, conv_w = conv.view(torch.int64), conv_w.view(torch.int64)
                 in_kernel[(triton.cdiv(n_in, bn),)](
                     normed if normed_input else residual, squares if normed_input else prev, norm_ws[i], res_out,
-                    m.in_proj.weight, m.in_proj.weight, projected, conv, conv_w, m.conv1d.bias, batch, n_in, k_in,
+                    m.in_proj.weight, m.in_proj.weight, projected, states, conv_w, m.conv1d.bias, batch, n_in, k_in,
                     m.in_proj.weight.stride(0), s.intermediate, 0 if normed_input == "noconv" else s.conv_dim,
-                    *conv.stride(), *conv_w.stride(), s.norm_eps, n_squares, HAS_BIAS=False, HAS_CONV_BIAS=True,
+                    *states.stride(), *conv_w.stride(), s.norm_eps, n_squares, HAS_BIAS=False, HAS_CONV_BIAS=True,
                     SILU=True, D_CONV=tc.conv_kernel, BLOCK_C=triton.next_power_of_2(tc.conv_kernel), IEEE=False,
                     USE_PDL=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=False,
-                    NORMED=bool(normed_input), BLOCK_SQUARES=64,
+                    NORMED=bool(normed_input), BLOCK_SQUARES=64, PACKED_CONV=normed_input == "packed",
                     num_warps=warps, num_stages=stages)
             try:
                 us = timed(launch)
