@@ -149,7 +149,7 @@ def prefill_parts(model, tokens: int):
             outproj_bias=None, headdim=m.head_dim, ngroups=m.n_groups, norm_before_gate=False), 64),
     ]
     print(f"\n===== prefill pieces, batch 1 × {tokens} tokens (µs per call)")
-    print(f"| piece | host | wall | GPU |\n|---|---:|---:|---:|")
+    print("| piece | host | wall | GPU |\n|---|---:|---:|---:|")
     with torch.no_grad():
         for name, fn, n in rows:
             host, wall = host_and_wall(fn, n)
@@ -373,6 +373,22 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
             print(f"    {key!r}: {config!r},  # {dtype_name} state")
 
 
+def kernel_us(launch, count: int, prefixes: tuple[str, ...]) -> float:
+    """µs of GPU time per call of the kernels named `prefixes*`: `launch(i)` for i < count once to compile, then once
+    more under the profiler, one by one (each kernel alone on the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(count):
+        launch(i)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(count):
+            launch(i)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.key.startswith(prefixes)]
+    return sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+
+
 # --part rows: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, NORMED; "noconv": NORMED without the conv
 # update's epilogue, to show its cost; "packed": NORMED with the conv update on 64-bit words, as in the step) of in_proj, and (BLOCK_M, BLOCK_N,
 # BLOCK_K, SPLIT_K, num_warps, num_stages, NEXT: forming the next layer's input) of out_proj; all with PREFETCH=False (Triton's software pipelining)
@@ -386,7 +402,6 @@ ROWS_OUT_ALONE = [(16, 64, 256, 2, 4, 3, False), (16, 64, 256, 2, 4, 3, True), (
 
 def rows_products(model, batches: list[int]):
     """--part rows (see the module's docstring)."""
-    from torch.profiler import ProfilerActivity, profile
 
     lm = model.model.language_model
     tc = lm.config
@@ -399,18 +414,10 @@ def rows_products(model, batches: list[int]):
     k_in, n_in = tc.hidden_size, layers[0].in_proj.weight.shape[0]
     n_out, k_out = layers[0].out_proj.weight.shape
     n_parts = s.heads * triton.cdiv(s.head_dim, generation_mlmamba._SSM_BLOCK_P)
-    n_squares = 40
+    n_squares = triton.cdiv(n_out, 64)  # out_proj's row blocks of 64: the chained input's sums of squares per row
 
     def timed(launch) -> float:
-        for i in range(len(layers)):  # compile
-            launch(i)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(len(layers)):
-                launch(i)
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.key.startswith(("norm_in_proj", "gated_norm"))]
-        return sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+        return kernel_us(launch, len(layers), ("norm_in_proj", "gated_norm"))
 
     for batch in batches:
         residual = torch.randn(batch, k_in, device=dev)
@@ -524,8 +531,6 @@ SKINNY = {"in_proj": [(64, 64, 1, 4, 6), (64, 128, 1, 4, 4), (64, 128, 1, 4, 6),
 
 def skinny_bench(model, batches: list[int], hows: list[str]):
     """--part skinny (see the module's docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
     triton, skinny_ptr, skinny_tma = _skinny_kernels()
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -534,15 +539,7 @@ def skinny_bench(model, batches: list[int], hows: list[str]):
                "out_proj": [layer.mixer.out_proj.weight for layer in lm.layers]}
 
     def timed(launch) -> float:
-        for i in range(len(lm.layers)):
-            launch(i)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for i in range(len(lm.layers)):
-                launch(i)
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.key.startswith("skinny")]
-        return sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+        return kernel_us(launch, len(lm.layers), ("skinny",))
 
     names = {"ptr": "cp.async", "tma": "TMA", "tma-ws": "TMA, warp-specialised"}
     for batch in batches:
@@ -583,10 +580,7 @@ SSM_ALONE = [(16, 4), (16, 2), (8, 2), (8, 1), (32, 4), (32, 8), (64, 4), (64, 8
 
 def ssm_alone(model, batches: list[int], state_dtypes: list[str]):
     """--part ssm (see the module's docstring)."""
-    from torch.profiler import ProfilerActivity, profile
-
     lm = model.model.language_model
-    tc = lm.config
     s = generation_mlmamba._block_shape(lm)
     triton, kernels = generation_mlmamba._fused_kernels(autotune=False)
     ssm_step_gate = kernels[1]
@@ -615,15 +609,7 @@ def ssm_alone(model, batches: list[int], state_dtypes: list[str]):
                         x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
                         HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=block_p, BLOCK_S=triton.next_power_of_2(s.state),
                         USE_PDL=False, num_warps=warps)
-                for i in range(len(mixers)):
-                    launch(i)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for i in range(len(mixers)):
-                        launch(i)
-                    torch.cuda.synchronize()
-                events = [e for e in prof.key_averages() if e.key.startswith("ssm_step_gate")]
-                us = sum(e.self_device_time_total for e in events) / sum(e.count for e in events)
+                us = kernel_us(launch, len(mixers), ("ssm_step_gate",))
                 print(f"| {block_p}, {warps} | {us:.1f} | {nbytes / us / 1e6:.2f} |", flush=True)
 
 
@@ -632,7 +618,7 @@ def gemv_bench(model):
     64 calls captured in a CUDA graph (as in the step), µs per call and TB/s of weights read."""
     gemv = generation_mlmamba.decode_gemv()
     m = model.model.language_model.layers[0].mixer
-    print(f"\n===== batch-1 matrix-vector products (µs per call, weight bytes / time)")
+    print("\n===== batch-1 matrix-vector products (µs per call, weight bytes / time)")
     print("| product | cuBLAS | Triton | max |Δ| / max |ref| |\n|---|---:|---:|---:|")
     for name, weight, width in [("in_proj", m.in_proj.weight, m.in_proj.in_features),
                                 ("out_proj", m.out_proj.weight, m.out_proj.in_features)]:

@@ -787,7 +787,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, conv_state.stride(1), conv_state.stride(2),
                 conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
             )
-        else:  # chained: the normalised input and its sums of squares in place of the residual and the output
+        else:  # 2-16 rows; chained, the normalised input and its sums of squares come in place of residual and out
             packed = (conv_w.shape[-1] == 4 and conv_state.dtype == conv_w2.dtype == projected.dtype
                       and conv_state.dtype in (torch.bfloat16, torch.float16) and conv_state.stride()[1:] == (4, 1)
                       and conv_w2.stride() == (4, 1) and conv_state.data_ptr() % 8 == 0
@@ -800,7 +800,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 states, taps, conv_b if conv_b is not None else conv_w2,
                 batch, n_in, k_in, in_w.stride(0), s.intermediate, s.conv_dim, *states.stride(),
                 taps.stride(0), taps.stride(1), s.norm_eps, squares.shape[1] if chained else 0, PACKED_CONV=packed,
-                # a tile of 8 rows where the batch fits (Hopper's wgmma n8: measured ~3% faster at batch 8)
+                # a tile of 8 rows where the batch fits (mma m16n8k16 in the PTX: measured ~3% faster at batch 8)
                 IEEE=in_w.dtype == torch.float32, BLOCK_M=8 if batch <= 8 else FUSED_MAX_ROWS, NORMED=chained,
                 BLOCK_SQUARES=triton.next_power_of_2(squares.shape[1]) if chained else 1, **conv_args,
             )
