@@ -24,6 +24,10 @@
   --part ssm       the fused layer's SSM update (ssm_step_gate) alone at each of --batches and --state-dtypes, for
                    head-dim rows per program (BLOCK_P) and warps: µs per call over the 64 layers' distinct states
                    (one by one, from the profiler) and the state bytes read and written over it.
+  --part timeline  one captured decode step at each of --batches above 1 and --state-dtypes with each program of the
+                   fused layer's kernels stamping %globaltimer when it starts, when its inputs are ready (past the
+                   programmatic launch's wait) and when it is done: per kernel, those times from the previous kernel's
+                   last program done (mean over the layers), i.e. where the step's time goes between the kernels.
   --part decode    the captured decode step's GPU time per replay at several batch sizes for variants of the step:
                    SSM state in float32 or bfloat16, batch 1 as three fused Triton kernels per layer or as the
                    compiled layer, causal_conv1d's kernel or inductor's code for the conv update, inductor's default
@@ -63,6 +67,10 @@ def parse_args():
                         "kernel launched once this one waited, not once it started), -rows / -norows "
                         "(the fused layer up to batch 16 / at batch 1 only; by default: up to 16 where TUNED_CONFIGS "
                         "has its kernels), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
+    p.add_argument("--env", default="", help="--part decode / timeline: ';'-separated sets of space-separated "
+                   "NAME=VALUE environment settings, each run with every variant, e.g. 'MLMAMBA_SSM_CONFIG=BLOCK_P=16,"
+                   "num_warps=1,HALVES=2;MLMAMBA_L2_PREFETCH=out_proj=0.5@2' (see generation_mlmamba.py); '-' for "
+                   "none")
     p.add_argument("--skinny", default="ptr,tma", help="--part skinny's ways of reading the weight: ptr (cp.async), "
                    "tma, tma-ws (warp-specialised)")
     p.add_argument("--state-dtypes", default="float32,bfloat16", help="SSM state dtypes of --part sweep and --part kernels")
@@ -157,7 +165,16 @@ def prefill_parts(model, tokens: int):
             print(f"| {name} | {host:.0f} | {wall:.0f} | {gpu:.0f} |", flush=True)
 
 
-def decode_variants(model, batches: list[int], variants: list[str]):
+def _env_sets(text: str) -> list[dict]:
+    """--env's sets of settings: [{name: value}], [{}] for none."""
+    sets = []
+    for part in text.split(";"):
+        if part.strip():
+            sets.append(dict(item.split("=", 1) for item in part.split() if item != "-"))
+    return sets or [{}]
+
+
+def decode_variants(model, batches: list[int], variants: list[str], env_sets: list[dict]):
     from generation import TEXT_TOKENS, Spec, random_image
 
     spec = Spec("mlmamba", model)
@@ -168,7 +185,8 @@ def decode_variants(model, batches: list[int], variants: list[str]):
     print("| variant | " + " | ".join(f"b{b}" for b in batches) + " | first capture (s) |")
     print("|---|" + "---:|" * (len(batches) + 1))
     gemv = generation_mlmamba.decode_gemv()
-    for variant in variants:
+    for variant, env in [(v, e) for v in variants for e in env_sets]:
+        os.environ.update(env)  # read by each new runner's fused layer
         generation_mlmamba._KERNELS = torch_conv if "torch-conv" in variant else default_kernels
         generation_mlmamba._GEMV[:] = [None if "cublas" in variant else gemv]
         os.environ["MLMAMBA_FUSED_DECODE"] = "0" if "unfused" in variant else "1"  # read by each new runner
@@ -193,7 +211,10 @@ def decode_variants(model, batches: list[int], variants: list[str]):
             first = first or time.perf_counter() - t
             times.append(replay_ms(model._decode_graphs.graphs[b][0]))
             model._decode_graphs.release(keep=())
-        print(f"| {variant} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {first:.0f} |", flush=True)
+        label = " ".join([variant, *(f"{k}={v}" for k, v in env.items())])
+        print(f"| {label} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {first:.0f} |", flush=True)
+        for key in env:
+            os.environ.pop(key, None)
     generation_mlmamba._KERNELS = default_kernels
     generation_mlmamba._GEMV[:] = [gemv]
     os.environ.pop("MLMAMBA_FUSED_DECODE", None)
@@ -641,6 +662,88 @@ def gemv_bench(model):
         print(f"| {name} {tuple(weight.shape)} | {row[0]} | {row[1]} | {err:.1e} |", flush=True)
 
 
+def timeline(model, batches: list[int], state_dtypes: list[str], env_sets: list[dict]):
+    """--part timeline (see the module's docstring)."""
+    for env in env_sets:
+        os.environ.update(env)
+        print(f"\n##### settings: {env or 'defaults'}")
+        _timeline(model, batches, state_dtypes)
+        for key in env:
+            os.environ.pop(key, None)
+
+
+def _timeline(model, batches: list[int], state_dtypes: list[str]):
+    from generation import TEXT_TOKENS, Spec, random_image
+
+    spec = Spec("mlmamba", model)
+    pixel_values = spec.preprocess([random_image()]).to("cuda", torch.bfloat16)
+    os.environ["MLMAMBA_TRACE"] = "1"
+    names = ("in_proj", "SSM", "out_proj")
+    for batch in [b for b in batches if b > 1]:
+        for state_dtype in state_dtypes:
+            model._decode_graphs = None
+            model.config.ssm_state_dtype = state_dtype
+            inputs = dict(input_ids=spec.input_ids(batch, TEXT_TOKENS, "cuda"),
+                          pixel_values=pixel_values.expand(batch, -1, -1, -1).contiguous())
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                               cache_implementation="static")
+                runner = model._decode_graphs
+                _, static_ids, _, cache = runner.graphs[batch]
+                block = runner._fused_fn()
+                if block is None or block.trace is None:
+                    print(f"batch {batch}: no fused layer with tracing here")
+                    return
+                block.trace["next"] = 0
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    runner._step(static_ids, cache)
+                launches = block.trace["next"]
+                traced_ms = replay_ms(graph)
+                block.trace["buffer"].zero_()  # earlier launches (warm-up, capture) wrote other slots' programs
+                graph.replay()
+                torch.cuda.synchronize()
+                buf = block.trace["buffer"][:launches].cpu()
+            runner.release(keep=())
+            # per launch: programs' (start, ready, done) in µs from the step's first start
+            t0 = buf[0, :, 0][buf[0, :, 0] > 0].min()
+            rows = []
+            for slot in range(launches):
+                used = buf[slot, :, 0] > 0
+                times = (buf[slot][used][:, :3] - t0).double() / 1e3
+                rows.append(dict(n=int(used.sum()), sms=len(set(buf[slot][used][:, 3].tolist())),
+                                 start=times[:, 0], ready=times[:, 1], done=times[:, 2]))
+            layers = launches // 3
+            print(f"\n===== timeline of one decode step, batch {batch}, {state_dtype} state: graph replay "
+                  f"{traced_ms:.3f} ms with the timestamps; µs, mean over layers 1..{layers - 2}")
+            print("| kernel | programs | SMs | first start | first ready | median ready | last ready | median done | "
+                  "90% done | last done | span (first ready → last done) |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for k, name in enumerate(names):
+                cols = {c: [] for c in ("first start", "first ready", "median ready", "last ready", "median done",
+                                        "90% done", "last done", "span")}
+                for layer in range(1, layers - 1):
+                    r = rows[3 * layer + k]
+                    prev_done = rows[3 * layer + k - 1]["done"].max()  # the kernel before it
+                    rel = lambda x: float(x - prev_done)  # noqa: E731
+                    cols["first start"].append(rel(r["start"].min()))
+                    cols["first ready"].append(rel(r["ready"].min()))
+                    cols["median ready"].append(rel(r["ready"].median()))
+                    cols["last ready"].append(rel(r["ready"].max()))
+                    cols["median done"].append(rel(r["done"].median()))
+                    cols["90% done"].append(rel(r["done"].quantile(0.9)))
+                    cols["last done"].append(rel(r["done"].max()))
+                    cols["span"].append(float(r["done"].max() - r["ready"].min()))
+                n, sms = rows[3 + k]["n"], rows[3 + k]["sms"]
+                print(f"| {name} | {n} | {sms} | " + " | ".join(f"{sum(v) / len(v):.1f}" for v in cols.values()) + " |")
+            per_layer = [float(rows[3 * (layer + 1)]["ready"].min() - rows[3 * layer]["ready"].min())
+                         for layer in range(1, layers - 1)]
+            print(f"(times from the previous kernel's last program done; a layer: {sum(per_layer) / len(per_layer):.1f}"
+                  f" µs from in_proj's first ready to the next in_proj's)")
+    os.environ.pop("MLMAMBA_TRACE")
+    model.config.ssm_state_dtype = "float32"
+
+
 def main():
     args = parse_args()
     torch._dynamo.config.cache_size_limit = 64
@@ -663,8 +766,11 @@ def main():
         ssm_alone(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","))
     if "rows" in parts:
         rows_products(model, [int(b) for b in args.batches.split(",") if int(b) > 1])
+    if "timeline" in parts:
+        timeline(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","), _env_sets(args.env))
     if "decode" in parts:
-        decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","))
+        decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","),
+                        _env_sets(args.env))
 
 
 if __name__ == "__main__":
