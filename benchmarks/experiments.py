@@ -68,9 +68,8 @@ def parse_args():
                         "(the fused layer up to batch 16 / at batch 1 only; by default: up to 16 where TUNED_CONFIGS "
                         "has its kernels), -cublas (no Triton GEMV), -torch-conv, -max-autotune")
     p.add_argument("--env", default="", help="--part decode / timeline: ';'-separated sets of space-separated "
-                   "NAME=VALUE environment settings, each run with every variant, e.g. 'MLMAMBA_SSM_CONFIG=BLOCK_P=16,"
-                   "num_warps=1,HALVES=2;MLMAMBA_L2_PREFETCH=out_proj=0.5@2' (see generation_mlmamba.py); '-' for "
-                   "none")
+                   "NAME=VALUE environment settings, each run with every variant, e.g. --env='-;MLMAMBA_PDL_IN=0;"
+                   "MLMAMBA_PDL_EARLY=0' (see generation_mlmamba.py; '-': none)")
     p.add_argument("--skinny", default="ptr,tma", help="--part skinny's ways of reading the weight: ptr (cp.async), "
                    "tma, tma-ws (warp-specialised)")
     p.add_argument("--state-dtypes", default="float32,bfloat16", help="SSM state dtypes of --part sweep and --part kernels")

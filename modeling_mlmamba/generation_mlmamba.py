@@ -305,36 +305,6 @@ def _fused_kernels(autotune: bool = True):
                 tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _l2_prefetch(base_ptr, n_units, seg_stride, prefix, CHUNK: tl.constexpr, LANES: tl.constexpr):
-        # bring bytes a later kernel reads into L2 (Hopper's bulk prefetch: no registers, nothing waits for it), this
-        # program's share of them: unit u is the CHUNK bytes at (u // per_seg) * seg_stride + (u % per_seg) * CHUNK
-        # from base_ptr (clipped to the first `prefix` bytes of each segment, e.g. of each weight row)
-        n_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-        program = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
-        per_program = tl.cdiv(n_units, n_programs)
-        per_seg = tl.cdiv(prefix, CHUNK)
-        lanes = tl.arange(0, LANES)
-        for first in range(0, per_program, LANES):
-            unit = program * per_program + first + lanes
-            valid = (first + lanes < per_program) & (unit < n_units)
-            off = (unit % per_seg) * CHUNK
-            size = tl.where(valid, tl.minimum(prefix - off, CHUNK), 0)
-            address = base_ptr.to(tl.pointer_type(tl.int8)) + (unit // per_seg).to(tl.int64) * seg_stride + off
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                "=r,l,r", [address.to(tl.int64), size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _ssm_columns(state, state_ptrs, mask, B_ptrs, C_ptrs, n_mask, x, dt, dA):
-        # the SSM update of a tile of the state (head-dim rows × state columns, read before), stored back; its
-        # share of y = C · state per row
-        B = tl.load(B_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        C = tl.load(C_ptrs, mask=n_mask, other=0.0).to(tl.float32)
-        state = state.to(tl.float32) * dA + (B * dt)[None, :] * x[:, None]
-        tl.store(state_ptrs, state.to(state_ptrs.dtype.element_ty), mask=mask)
-        return tl.sum(state * C[None, :], axis=1)
-
-    @triton.jit
     def _trace(trace_ptr, slot, trace_stride, POINT: tl.constexpr, TRACE: tl.constexpr):
         # benchmarks/experiments.py --part timeline: this program's %globaltimer at POINT (0: start, 1: inputs
         # ready, 2: done) and, at the start, the SM it runs on, into trace_ptr[slot, program, 0:4]
@@ -353,8 +323,7 @@ def _fused_kernels(autotune: bool = True):
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
     globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
-                     _wait_for_previous=_wait_for_previous, _l2_prefetch=_l2_prefetch, _trace=_trace,
-                     _ssm_columns=_ssm_columns)
+                     _wait_for_previous=_wait_for_previous, _trace=_trace)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -428,13 +397,9 @@ def _fused_kernels(autotune: bool = True):
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
         HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        LAUNCH_EARLY: tl.constexpr = False, HALVES: tl.constexpr = 1,
-        pf_ptr=None, pf_units=0, pf_seg_stride=0, pf_prefix=0, L2_PREFETCH: tl.constexpr = 0,
-        PF_CHUNK: tl.constexpr = 1024, PF_LANES: tl.constexpr = 64,
+        LAUNCH_EARLY: tl.constexpr = False,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
-        # L2_PREFETCH (1: before waiting for in_proj, 2: after the state update): prefetch a share of the bytes at
-        # pf_ptr (out_proj's weight) into L2, see _l2_prefetch
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -444,37 +409,26 @@ def _fused_kernels(autotune: bool = True):
         proj = proj_ptr + batch * stride_proj_b
         channel = head * head_dim + p
         group = head // heads_per_group
-        # the state and the weights do not depend on the previous kernel: read before waiting for it, in its own
-        # dtype (HALVES=2: as two tiles of BLOCK_S / 2 columns, updated one after the other, so that fewer registers
-        # are live at once and more of the programs fit beside in_proj's, reading their state before it finishes)
+        # the state and the weights do not depend on the previous kernel: read before waiting for it
         state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
                       + n[None, :] * stride_s_n)
         mask = p_mask[:, None] & n_mask[None, :]
-        state = tl.load(state_ptrs, mask=mask, other=0.0)
-        if HALVES == 2:
-            state_ptrs2 = state_ptrs + BLOCK_S * stride_s_n
-            mask2 = p_mask[:, None] & (n + BLOCK_S < state_size)[None, :]
-            state2 = tl.load(state_ptrs2, mask=mask2, other=0.0)
+        state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
         A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
         gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-        if L2_PREFETCH == 1:
-            _l2_prefetch(pf_ptr, pf_units, pf_seg_stride, pf_prefix, PF_CHUNK, PF_LANES)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
+        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
         dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
         dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
-        dA = tl.exp(A * dt)
-        bc = proj + group * state_size + n
-        y = _ssm_columns(state, state_ptrs, mask, bc + b_start, bc + c_start, n_mask, x, dt, dA)
-        if HALVES == 2:
-            y += _ssm_columns(state2, state_ptrs2, mask2, bc + b_start + BLOCK_S, bc + c_start + BLOCK_S,
-                              n + BLOCK_S < state_size, x, dt, dA)
-        if L2_PREFETCH == 2:
-            _l2_prefetch(pf_ptr, pf_units, pf_seg_stride, pf_prefix, PF_CHUNK, PF_LANES)
+        state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
+        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+        y = tl.sum(state * C[None, :], axis=1)
         if HAS_D:
             y += x * tl.load(D_ptr + head).to(tl.float32)
         y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
@@ -543,12 +497,8 @@ def _fused_kernels(autotune: bool = True):
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
         NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
-        pf_ptr=None, pf_units=0, pf_seg_stride=0, pf_prefix=0, L2_PREFETCH: tl.constexpr = 0,
-        PF_CHUNK: tl.constexpr = 1024, PF_LANES: tl.constexpr = 128,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
-        # L2_PREFETCH (1: before waiting for the previous kernel, 2: after this program's product): prefetch a share
-        # of the bytes at pf_ptr (the SSM state) into L2, see _l2_prefetch
         # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
         # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
         # the weight and that input into the tensor cores; else h = res + prev and its statistics are formed here
@@ -564,8 +514,6 @@ def _fused_kernels(autotune: bool = True):
         if PREFETCH:
             w = _matvec_tile(w_ptr, rows, kk, row_mask, K, stride_wn)
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-        if L2_PREFETCH == 1:
-            _l2_prefetch(pf_ptr, pf_units, pf_seg_stride, pf_prefix, PF_CHUNK, PF_LANES)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         for k0 in range(0, K, BLOCK_K):
@@ -589,8 +537,6 @@ def _fused_kernels(autotune: bool = True):
                 acc = _rows_dot(x.to(w.dtype), w, acc, IEEE)
             if PREFETCH:
                 w = w_next
-        if L2_PREFETCH == 2:
-            _l2_prefetch(pf_ptr, pf_units, pf_seg_stride, pf_prefix, PF_CHUNK, PF_LANES)
         acc = tl.trans(acc)
         if NORMED:
             i = tl.arange(0, BLOCK_SQUARES)
@@ -652,12 +598,8 @@ def _fused_kernels(autotune: bool = True):
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
         NEXT: tl.constexpr = False,
-        pf_ptr=None, pf_units=0, pf_seg_stride=0, pf_prefix=0, L2_PREFETCH: tl.constexpr = 0,
-        PF_CHUNK: tl.constexpr = 1024, PF_LANES: tl.constexpr = 128,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
-        # L2_PREFETCH (1: before waiting for the SSM update, 2: after this program's product): prefetch a share of
-        # the bytes at pf_ptr (the next layer's in_proj weight) into L2, see _l2_prefetch
         # NEXT: instead of the mixer output, form the next layer's input (see norm_in_proj_conv_rows's NORMED): the
         # block's output h = residual + mixer output into res_out_ptr, next_norm_w * h into out_ptr, and per row
         # this program's sum of h^2 into squares_ptr (one column per row block, summed in order by the next in_proj)
@@ -672,8 +614,6 @@ def _fused_kernels(autotune: bool = True):
         if PREFETCH:
             w = _matvec_tile(w_ptr, rows, pid_k * k_len + kk, row_mask, k_end, stride_wn)
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-        if L2_PREFETCH == 1:
-            _l2_prefetch(pf_ptr, pf_units, pf_seg_stride, pf_prefix, PF_CHUNK, PF_LANES)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         # each row's mean square per group, from the SSM kernel's per-block sums
@@ -698,8 +638,6 @@ def _fused_kernels(autotune: bool = True):
             acc = _rows_dot(u.to(w.dtype), w, acc, IEEE)
             if PREFETCH:
                 w = w_next
-        if L2_PREFETCH == 2:
-            _l2_prefetch(pf_ptr, pf_units, pf_seg_stride, pf_prefix, PF_CHUNK, PF_LANES)
         out = tl.trans(acc)
         if BLOCK_G == 1:
             out *= tl.sum(inv, axis=1)[:, None]
@@ -793,35 +731,7 @@ def _programmatic_launch_supported(triton) -> bool:
         return False
 
 
-_PF_CHUNK = 1024  # bytes per bulk L2 prefetch
-
-
-def _l2_prefetch_plan(plan: dict | None, triton) -> dict:
-    """{product: (fraction, when)}: which weight the fused layer prefetches into L2 ahead of its product (2-16 rows,
-    Hopper's bulk prefetch): "out_proj" by the SSM update's programs, "in_proj" (the next layer's) by out_proj's,
-    "state" (the SSM state) by in_proj's;
-    `fraction` of each program's share of a weight row, `when` 1 (before the kernel waits for its inputs) or 2 (after
-    its own work). From `plan`, else MLMAMBA_L2_PREFETCH ("out_proj=0.5@2,in_proj=0.25@1"), else none."""
-    if plan is None:
-        text = os.environ.get("MLMAMBA_L2_PREFETCH", "")
-        plan = {}
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            try:
-                product, rest = item.split("=")
-                fraction, when = rest.split("@")
-                plan[product.strip()] = (float(fraction), int(when))
-            except ValueError:
-                raise ValueError(f"MLMAMBA_L2_PREFETCH takes product=fraction@when items (product in_proj or "
-                                 f"out_proj, when 1 or 2), e.g. 'out_proj=0.5@2'; got {item!r}") from None
-    for product, (fraction, when) in plan.items():
-        if product not in ("in_proj", "out_proj", "state") or when not in (0, 1, 2) or not 0 <= fraction <= 1:
-            raise ValueError(f"L2 prefetch plan: expected in_proj / out_proj / state → (fraction in [0, 1], when 0, 1 or 2), "
-                             f"got {product!r} → {(fraction, when)!r}")
-    return dict(plan)
-
-
-def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None = None, pdl: bool | None = None,
-                          l2_prefetch: dict | None = None):
+def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None = None, pdl: bool | None = None):
     """`make_block_step`'s function (same arguments, same results, states updated in place) as three Triton kernels
     (see above) for up to `FUSED_MAX_ROWS` sequences: matrix-vector kernels for one, tensor-core tiles of 16 rows for
     more; None when `fused_kernels()` finds none.
@@ -849,15 +759,12 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     use_pdl = _programmatic_launch_supported(triton) if pdl is None else pdl
     early = os.environ.get("MLMAMBA_PDL_EARLY", "1") != "0"  # measured ~1% faster at batches 1 and 8 on an H100
     pdl = dict(USE_PDL=True, LAUNCH_EARLY=early, launch_pdl=True) if use_pdl else dict(USE_PDL=False)
-    # the SSM update's launch: BLOCK_P head-dim rows per program on num_warps warps, its state tile read as HALVES
-    # tiles (MLMAMBA_SSM_CONFIG="BLOCK_P=16,num_warps=2,HALVES=2" for benchmarks/experiments.py)
-    ssm_config = dict(BLOCK_P=_SSM_BLOCK_P, num_warps=2, HALVES=1)
-    for item in filter(None, os.environ.get("MLMAMBA_SSM_CONFIG", "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in ssm_config or not value.isdigit():
-            raise ValueError(f"MLMAMBA_SSM_CONFIG takes BLOCK_P=, num_warps=, HALVES= (integers); got {item!r}")
-        ssm_config[key] = int(value)
-    block_p = min(ssm_config["BLOCK_P"], triton.next_power_of_2(s.head_dim))
+    # MLMAMBA_PDL_IN=0 (an experiment; 2-16 rows): in_proj launched once out_proj has finished, so that its programs
+    # spread over all SMs instead of fitting beside out_proj's, still letting the SSM update launch early
+    pdl_in = pdl
+    if use_pdl and os.environ.get("MLMAMBA_PDL_IN", "1") == "0":
+        pdl_in = dict(USE_PDL=True, LAUNCH_EARLY=early)
+    block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -867,21 +774,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
 
     def grid(n):
         return lambda m: (triton.cdiv(n, m["BLOCK_N"]), m.get("SPLIT_K", 1))
-
-    prefetch = _l2_prefetch_plan(l2_prefetch, triton)
-
-    def prefetch_args(weight: torch.Tensor | None, product: str, split: int) -> dict:
-        # the first `fraction` of each of the weight's row segments (one per program's share of a row: split-K)
-        fraction, when = prefetch.get(product, (0.0, 0))
-        if (weight is None or not when or fraction <= 0 or not weight.is_cuda or not weight.is_contiguous()
-                or torch.cuda.get_device_capability(weight.device)[0] < 9):  # bulk prefetch: Hopper and newer
-            return {}
-        seg_stride = weight.shape[1] * weight.element_size() // split
-        prefix = min(seg_stride, max(16, int(seg_stride * fraction) // 16 * 16))
-        if seg_stride % 16 or weight.data_ptr() % 16:
-            return {}
-        return dict(pf_ptr=weight, pf_units=weight.shape[0] * split * triton.cdiv(prefix, _PF_CHUNK),
-                    pf_seg_stride=seg_stride, pf_prefix=prefix, L2_PREFETCH=when, PF_CHUNK=_PF_CHUNK)
 
     # MLMAMBA_TRACE=1 (benchmarks/experiments.py --part timeline): the 2-16-row kernels record each program's
     # start / inputs-ready / done times in `block_step.trace["buffer"]`, one slot per launch from trace["next"] on
@@ -896,7 +788,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         return dict(trace_ptr=trace["buffer"], trace_slot=slot % 256, trace_stride=trace["programs"], TRACE=True)
 
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
-                   gated_w, out_w, out_b, next_norm_w=None, next_in_w=None):
+                   gated_w, out_w, out_b, next_norm_w=None):
         batch = residual.shape[0]
         if (
             not 1 <= batch <= FUSED_MAX_ROWS
@@ -910,10 +802,10 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             )
         with torch.cuda.device(residual.device) if residual.is_cuda else contextlib.nullcontext():  # Triton's device
             return _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log,
-                           D, gated_w, out_w, out_b, next_norm_w, next_in_w)
+                           D, gated_w, out_w, out_b, next_norm_w)
 
     def _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
-                gated_w, out_w, out_b, next_norm_w, next_in_w):
+                gated_w, out_w, out_b, next_norm_w):
         batch = residual.shape[0]
         chained = isinstance(out, ChainedInput)  # the previous layer formed this one's input (and residual)
         if chained:
@@ -930,7 +822,8 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             norm_in_proj_conv if batch == 1 else norm_in_proj_conv_rows, fixed, "in_proj", kind, in_w)
         conv_args = dict(HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None,
                          SILU=s.activation in ("silu", "swish"), D_CONV=conv_w.shape[-1],
-                         BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **pdl, **in_meta)
+                         BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **(pdl_in if batch > 1 else pdl),
+                         **in_meta)
         if batch == 1:
             if chained:
                 raise ValueError("a chained input (ChainedInput) is formed for 2-16 sequences only")
@@ -956,14 +849,10 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 # a tile of 8 rows where the batch fits (mma m16n8k16 in the PTX: measured ~3% faster at batch 8)
                 IEEE=in_w.dtype == torch.float32, BLOCK_M=8 if batch <= 8 else FUSED_MAX_ROWS, NORMED=chained,
                 BLOCK_SQUARES=triton.next_power_of_2(squares.shape[1]) if chained else 1, **conv_args,
-                **(prefetch_args(ssm_state.view(-1, ssm_state.shape[-2] * ssm_state.shape[-1]), "state", 1)
-                   if ssm_state.is_contiguous() else {}), **trace_args(out.device),
+                **trace_args(out.device),
             )
         gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
-        n_out, k_out = out_w.shape
-        out_kernel, out_meta = _product_launch(
-            gated_norm_out_proj if batch == 1 else gated_norm_out_proj_rows, fixed, "out_proj", kind, out_w)
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
             projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
@@ -971,15 +860,16 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=triton.next_power_of_2(s.state) // ssm_config["HALVES"], HALVES=ssm_config["HALVES"],
-            num_warps=ssm_config["num_warps"], **pdl,
-            **(prefetch_args(out_w, "out_proj", out_meta.get("SPLIT_K", 1)) if batch > 1 else {}),
+            BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
             **(trace_args(out.device) if batch > 1 else {}),
         )
+        n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)
         count = counters.get(out.device)
         if count is None or count.numel() < n_out:
             count = counters[out.device] = torch.zeros(n_out, device=out.device, dtype=torch.int32)
+        out_kernel, out_meta = _product_launch(
+            gated_norm_out_proj if batch == 1 else gated_norm_out_proj_rows, fixed, "out_proj", kind, out_w)
         # the split-K partial sums (the autotuned configs split out_proj's columns in up to 4)
         split = torch.empty(out_meta.get("SPLIT_K", 4), batch, n_out, device=out.device, dtype=torch.float32)
         norm_args = dict(HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
@@ -1001,7 +891,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             next_res if chain else res_out, next_norm_w if chain else out_w, next_squares if chain else parts,
             batch, n_out, k_out, out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
             IEEE=out_w.dtype == torch.float32, BLOCK_M=FUSED_MAX_ROWS, NEXT=chain, **norm_args,
-            **(prefetch_args(next_in_w, "in_proj", 1) if chain else {}), **trace_args(out.device),
+            **trace_args(out.device),
         )
         if chain:
             return next_res, ChainedInput(new_out, next_squares)
@@ -1400,8 +1290,7 @@ class DecodeGraphRunner:
             mixer = layer.mixer
             # the fused layer forms the next layer's normalised input in its last kernel (ChainedInput)
             chain = {} if not getattr(block, "chains_layers", False) else dict(
-                next_norm_w=layers[index + 1].norm.weight if index + 1 < len(layers) else None,
-                next_in_w=layers[index + 1].mixer.in_proj.weight if index + 1 < len(layers) else None)
+                next_norm_w=layers[index + 1].norm.weight if index + 1 < len(layers) else None)
             residual, out = block(
                 residual, out, states.conv_states[0], states.recurrent_states[0], layer.norm.weight,
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,

@@ -48,9 +48,7 @@ def signature(fn, pointer_dtypes: dict, constants: dict) -> tuple[dict, dict]:
     params = inspect.signature(fn.fn).parameters
     constants.update({name: 1 for name in params if name in ONE})
     for name, param in params.items():
-        # the L2 prefetch's pointer and sizes are runtime arguments where it is on (else left to their defaults)
-        runtime = name.startswith("pf_") and constants.get("L2_PREFETCH")
-        if param.default is not inspect.Parameter.empty and not runtime:
+        if param.default is not inspect.Parameter.empty:
             constants.setdefault(name, param.default)
     sig, attrs = {}, {}
     for index, name in enumerate(params):
@@ -62,7 +60,7 @@ def signature(fn, pointer_dtypes: dict, constants: dict) -> tuple[dict, dict]:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-        if name not in constants and (name.endswith("_ptr") or name in DIVISIBLE or name.startswith("pf_")):
+        if name not in constants and (name.endswith("_ptr") or name in DIVISIBLE):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
@@ -88,10 +86,6 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                     dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
                     dict(num_warps=2)))
-    out.append(("SSM update, bf16 state, prefetching out_proj's weight into L2", "ssm_step_gate",
-                dict(state_ptr="bf16", A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
-                dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
-                     L2_PREFETCH=2), dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
@@ -108,9 +102,6 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     out.append(("out_proj, 2-16 sequences, forming the next input", "gated_norm_out_proj_rows",
                 dict(parts, **residual, squares_ptr="fp32"), dict(gated, IEEE=False, BLOCK_M=16, NEXT=True, **meta),
                 options))
-    out.append(("out_proj, 2-16 sequences, forming the next input, prefetching the next in_proj weight into L2",
-                "gated_norm_out_proj_rows", dict(parts, **residual, squares_ptr="fp32"),
-                dict(gated, IEEE=False, BLOCK_M=16, NEXT=True, L2_PREFETCH=1, **meta), options))
     return out
 
 
@@ -145,7 +136,7 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "L2_PREFETCH") if constants.get(k))
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT") if constants.get(k))
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:
         sys.exit(f"{failed} kernel(s) did not compile")
