@@ -436,8 +436,14 @@ def rows_products(model, batches: list[int]):
     n_parts = s.heads * triton.cdiv(s.head_dim, generation_mlmamba._SSM_BLOCK_P)
     n_squares = triton.cdiv(n_out, 64)  # out_proj's row blocks of 64: the chained input's sums of squares per row
 
-    def timed(launch) -> float:
-        return kernel_us(launch, len(layers), ("norm_in_proj", "gated_norm"))
+    def report(label: str, launch, weight_bytes: int) -> None:
+        # one table row: µs per call over the layers' distinct weights and the weight bytes over it
+        try:
+            us = kernel_us(launch, len(layers), ("norm_in_proj", "gated_norm"))
+        except Exception as error:
+            print(f"| {label} | failed: {type(error).__name__}: {str(error)[:100]} | |")
+            return
+        print(f"| {label} | {us:.1f} | {weight_bytes / us / 1e6:.2f} |", flush=True)
 
     for batch in batches:
         residual = torch.randn(batch, k_in, device=dev)
@@ -470,14 +476,7 @@ def rows_products(model, batches: list[int]):
                     USE_PDL=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=False,
                     NORMED=bool(normed_input), BLOCK_SQUARES=64, PACKED_CONV=normed_input == "packed",
                     num_warps=warps, num_stages=stages)
-            try:
-                us = timed(launch)
-            except Exception as error:
-                print(f"| {bm}, {bn}, {bk}, {warps}, {stages}, {normed_input} | failed: {type(error).__name__}: "
-                      f"{str(error)[:100]} | |")
-                continue
-            print(f"| {bm}, {bn}, {bk}, {warps}, {stages}, {normed_input} | {us:.1f} | "
-                  f"{n_in * k_in * 2 / us / 1e6:.2f} |", flush=True)
+            report(f"{bm}, {bn}, {bk}, {warps}, {stages}, {normed_input}", launch, n_in * k_in * 2)
         print("| out_proj: BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, NEXT | µs | TB/s |\n|---|---:|---:|")
         for bm, bn, bk, split_k, warps, stages, next_input in ROWS_OUT_ALONE:
             def launch(i):
@@ -490,14 +489,7 @@ def rows_products(model, batches: list[int]):
                     BLOCK_PARTS=triton.next_power_of_2(n_parts), IEEE=False, USE_PDL=False, SPLIT_K=split_k,
                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PREFETCH=False, NEXT=next_input, num_warps=warps,
                     num_stages=stages)
-            try:
-                us = timed(launch)
-            except Exception as error:
-                print(f"| {bm}, {bn}, {bk}, {split_k}, {warps}, {stages}, {next_input} | failed: {type(error).__name__}: "
-                      f"{str(error)[:100]} | |")
-                continue
-            print(f"| {bm}, {bn}, {bk}, {split_k}, {warps}, {stages}, {next_input} | {us:.1f} | "
-                  f"{n_out * k_out * 2 / us / 1e6:.2f} |", flush=True)
+            report(f"{bm}, {bn}, {bk}, {split_k}, {warps}, {stages}, {next_input}", launch, n_out * k_out * 2)
 
 
 def _skinny_kernels():
@@ -664,11 +656,14 @@ def gemv_bench(model):
 def timeline(model, batches: list[int], state_dtypes: list[str], env_sets: list[dict]):
     """--part timeline (see the module's docstring)."""
     for env in env_sets:
-        os.environ.update(env)
+        os.environ.update(env, MLMAMBA_TRACE="1")  # read by each new runner's fused layer
         print(f"\n##### settings: {env or 'defaults'}")
-        _timeline(model, batches, state_dtypes)
-        for key in env:
-            os.environ.pop(key, None)
+        try:
+            _timeline(model, batches, state_dtypes)
+        finally:
+            for key in [*env, "MLMAMBA_TRACE"]:
+                os.environ.pop(key, None)
+            model.config.ssm_state_dtype = "float32"
 
 
 def _timeline(model, batches: list[int], state_dtypes: list[str]):
@@ -676,7 +671,6 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
 
     spec = Spec("mlmamba", model)
     pixel_values = spec.preprocess([random_image()]).to("cuda", torch.bfloat16)
-    os.environ["MLMAMBA_TRACE"] = "1"
     names = ("in_proj", "SSM", "out_proj")
     for batch in [b for b in batches if b > 1]:
         for state_dtype in state_dtypes:
@@ -719,19 +713,18 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
                   "90% done | last done | span (first ready → last done) |")
             print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for k, name in enumerate(names):
-                cols = {c: [] for c in ("first start", "first ready", "median ready", "last ready", "median done",
-                                        "90% done", "last done", "span")}
+                stats = {  # (times of its programs, statistic), from the previous kernel's last program done
+                    "first start": ("start", torch.min), "first ready": ("ready", torch.min),
+                    "median ready": ("ready", torch.median), "last ready": ("ready", torch.max),
+                    "median done": ("done", torch.median), "90% done": ("done", lambda t: t.quantile(0.9)),
+                    "last done": ("done", torch.max),
+                }
+                cols = {c: [] for c in [*stats, "span"]}
                 for layer in range(1, layers - 1):
                     r = rows[3 * layer + k]
                     prev_done = rows[3 * layer + k - 1]["done"].max()  # the kernel before it
-                    rel = lambda x: float(x - prev_done)  # noqa: E731
-                    cols["first start"].append(rel(r["start"].min()))
-                    cols["first ready"].append(rel(r["ready"].min()))
-                    cols["median ready"].append(rel(r["ready"].median()))
-                    cols["last ready"].append(rel(r["ready"].max()))
-                    cols["median done"].append(rel(r["done"].median()))
-                    cols["90% done"].append(rel(r["done"].quantile(0.9)))
-                    cols["last done"].append(rel(r["done"].max()))
+                    for column, (point, statistic) in stats.items():
+                        cols[column].append(float(statistic(r[point]) - prev_done))
                     cols["span"].append(float(r["done"].max() - r["ready"].min()))
                 n, sms = rows[3 + k]["n"], rows[3 + k]["sms"]
                 print(f"| {name} | {n} | {sms} | " + " | ".join(f"{sum(v) / len(v):.1f}" for v in cols.values()) + " |")
@@ -739,8 +732,6 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
                          for layer in range(1, layers - 1)]
             print(f"(times from the previous kernel's last program done; a layer: {sum(per_layer) / len(per_layer):.1f}"
                   f" µs from in_proj's first ready to the next in_proj's)")
-    os.environ.pop("MLMAMBA_TRACE")
-    model.config.ssm_state_dtype = "float32"
 
 
 def main():
