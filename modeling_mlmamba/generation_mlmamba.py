@@ -320,10 +320,33 @@ def _fused_kernels(autotune: bool = True):
                                                pack=1)
                 tl.store(base + 3, sm.to(tl.int64))
 
+    @triton.jit
+    def _ssm_rows(state, state_ptrs, mask, p, p_mask, n, n_mask, proj, channel, group, head, A, dt_bias, gated_w_ptr,
+                  D_ptr, y_ptr, x_start, b_start, c_start, dt_start, state_size, HAS_D: tl.constexpr):
+        # the update of the state rows p (state: those rows as read, any dtype) once the projection is ready: the
+        # new state stored, the gated output (times the gated norm's weight) stored, its sum of squares returned
+        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
+        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
+        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
+        state = state.to(tl.float32) * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
+        tl.store(state_ptrs, state.to(state_ptrs.dtype.element_ty), mask=mask)
+        y = tl.sum(state * C[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + head).to(tl.float32)
+        y = y.to(proj.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
+        z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
+        y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
+        # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
+        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + channel, (y * gated_w).to(y_ptr.dtype.element_ty), mask=p_mask)
+        return tl.sum(y * y, axis=0)
+
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
     globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
-                     _wait_for_previous=_wait_for_previous, _trace=_trace)
+                     _wait_for_previous=_wait_for_previous, _trace=_trace, _ssm_rows=_ssm_rows)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -397,47 +420,54 @@ def _fused_kernels(autotune: bool = True):
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
         HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        LAUNCH_EARLY: tl.constexpr = False,
+        LAUNCH_EARLY: tl.constexpr = False, CHUNKS: tl.constexpr = 1,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_mask = p < head_dim
         n = tl.arange(0, BLOCK_S)
         n_mask = n < state_size
         proj = proj_ptr + batch * stride_proj_b
-        channel = head * head_dim + p
+        y_row = y_ptr + batch * stride_y_b
         group = head // heads_per_group
+        state_base = state_ptr + batch * stride_s_b + head * stride_s_h
         # the state and the weights do not depend on the previous kernel: read before waiting for it
-        state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
-                      + n[None, :] * stride_s_n)
-        mask = p_mask[:, None] & n_mask[None, :]
-        state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
         A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
-        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
-        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
-        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
-        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
-        dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
-        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
-        state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
-        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
-        y = tl.sum(state * C[None, :], axis=1)
-        if HAS_D:
-            y += x * tl.load(D_ptr + head).to(tl.float32)
-        y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
-        z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
-        y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
-        tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
-        # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
-        y *= gated_w
-        tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+        if CHUNKS == 1:  # the state tile into registers
+            p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_mask = p < head_dim
+            state_ptrs = state_base + p[:, None] * stride_s_p + n[None, :] * stride_s_n
+            mask = p_mask[:, None] & n_mask[None, :]
+            state = tl.load(state_ptrs, mask=mask, other=0.0)
+            _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+            _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
+            total = _ssm_rows(state, state_ptrs, mask, p, p_mask, n, n_mask, proj, head * head_dim + p, group, head,
+                              A, dt_bias, gated_w_ptr, D_ptr, y_row, x_start, b_start, c_start, dt_start, state_size,
+                              HAS_D)
+        else:
+            # in CHUNKS pieces of rows through Triton's software pipelining, every piece's read issued (into shared
+            # memory, cp.async) before the loop and so before the wait: a program holds its state in shared memory
+            # rather than registers while it waits, so that more of them fit beside in_proj's
+            total = 0.0
+            for i in tl.range(0, CHUNKS, num_stages=CHUNKS + 1):
+                p = pid_p * BLOCK_P + i * (BLOCK_P // CHUNKS) + tl.arange(0, BLOCK_P // CHUNKS)
+                p_mask = p < head_dim
+                state_ptrs = state_base + p[:, None] * stride_s_p + n[None, :] * stride_s_n
+                mask = p_mask[:, None] & n_mask[None, :]
+                state = tl.load(state_ptrs, mask=mask, other=0.0)
+                # (inside a branch the compiler cannot decide, the reads that depend on the previous kernel stay
+                # after the wait: the pipelining moves only the loop's top-level reads ahead of it)
+                if state_size > 0:
+                    _wait_for_previous(USE_PDL, LAUNCH_EARLY)  # once: waiting again returns at once
+                    if i == 0:
+                        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
+                    total += _ssm_rows(state, state_ptrs, mask, p, p_mask, n, n_mask, proj, head * head_dim + p,
+                                       group, head, A, dt_bias, gated_w_ptr, D_ptr, y_row, x_start, b_start, c_start,
+                                       dt_start, state_size, HAS_D)
+        tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, total)
         _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
@@ -497,6 +527,7 @@ def _fused_kernels(autotune: bool = True):
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
         NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
+        ROWS: tl.constexpr = 0,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
         # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
@@ -506,8 +537,12 @@ def _fused_kernels(autotune: bool = True):
         dtype = norm_w_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
+        if ROWS == 0:  # BLOCK_N weight rows per program
+            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+        else:  # ROWS (at most BLOCK_N) weight rows per program: programs as many as the SMs, say
+            rows = pid * ROWS + tl.arange(0, BLOCK_N)
+            row_mask = (tl.arange(0, BLOCK_N) < ROWS) & (rows < N)
         kk = tl.arange(0, BLOCK_K)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: see _rows_dot
@@ -597,7 +632,7 @@ def _fused_kernels(autotune: bool = True):
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
-        NEXT: tl.constexpr = False,
+        NEXT: tl.constexpr = False, ROWS: tl.constexpr = 0,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
         # NEXT: instead of the mixer output, form the next layer's input (see norm_in_proj_conv_rows's NORMED): the
@@ -606,8 +641,12 @@ def _fused_kernels(autotune: bool = True):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
+        if ROWS == 0:  # BLOCK_N weight rows per program
+            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+        else:  # ROWS (at most BLOCK_N) weight rows per program: programs as many as the SMs, say
+            rows = pid_n * ROWS + tl.arange(0, BLOCK_N)
+            row_mask = (tl.arange(0, BLOCK_N) < ROWS) & (rows < N)
         kk = tl.arange(0, BLOCK_K)
         k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_end = tl.minimum((pid_k + 1) * k_len, K)
@@ -764,7 +803,11 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     pdl_in = pdl
     if use_pdl and os.environ.get("MLMAMBA_PDL_IN", "1") == "0":
         pdl_in = dict(USE_PDL=True, LAUNCH_EARLY=early)
-    block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
+    # MLMAMBA_CONFIG (experiments, 2-16 rows): meta-parameters over the tuned ones, e.g.
+    # "in_proj:BLOCK_N=128,ROWS=81/out_proj:ROWS=39/ssm:CHUNKS=4,num_warps=1" (products separated by '/')
+    override = _config_override(os.environ.get("MLMAMBA_CONFIG", ""))
+    ssm_meta = {"num_warps": 2, **override.get("ssm", {})}
+    block_p = min(ssm_meta.pop("BLOCK_P", _SSM_BLOCK_P), triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -773,7 +816,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     dt_start = c_start + s.groups * s.state
 
     def grid(n):
-        return lambda m: (triton.cdiv(n, m["BLOCK_N"]), m.get("SPLIT_K", 1))
+        return lambda m: (triton.cdiv(n, m.get("ROWS") or m["BLOCK_N"]), m.get("SPLIT_K", 1))
 
     # MLMAMBA_TRACE=1 (benchmarks/experiments.py --part timeline): the 2-16-row kernels record each program's
     # start / inputs-ready / done times in `block_step.trace["buffer"]`, one slot per launch from trace["next"] on
@@ -820,6 +863,8 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         kind = "matvec" if batch == 1 else "rows"
         in_kernel, in_meta = _product_launch(
             norm_in_proj_conv if batch == 1 else norm_in_proj_conv_rows, fixed, "in_proj", kind, in_w)
+        if batch > 1 and in_meta:
+            in_meta.update(override.get("in_proj", {}))
         conv_args = dict(HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None,
                          SILU=s.activation in ("silu", "swish"), D_CONV=conv_w.shape[-1],
                          BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **(pdl_in if batch > 1 else pdl),
@@ -860,7 +905,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
+            BLOCK_S=triton.next_power_of_2(s.state), **(ssm_meta if batch > 1 else dict(num_warps=2)), **pdl,
             **(trace_args(out.device) if batch > 1 else {}),
         )
         n_out, k_out = out_w.shape
@@ -870,6 +915,8 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             count = counters[out.device] = torch.zeros(n_out, device=out.device, dtype=torch.int32)
         out_kernel, out_meta = _product_launch(
             gated_norm_out_proj if batch == 1 else gated_norm_out_proj_rows, fixed, "out_proj", kind, out_w)
+        if batch > 1 and out_meta:
+            out_meta.update(override.get("out_proj", {}))
         # the split-K partial sums (the autotuned configs split out_proj's columns in up to 4)
         split = torch.empty(out_meta.get("SPLIT_K", 4), batch, n_out, device=out.device, dtype=torch.float32)
         norm_args = dict(HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
@@ -883,7 +930,8 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         # 2-16 rows: with the next layer's norm weight (and out_proj's row blocks known), form its input here
         chain = next_norm_w is not None and "BLOCK_N" in out_meta
         if chain:
-            next_squares = torch.empty(batch, triton.cdiv(n_out, out_meta["BLOCK_N"]), device=out.device,
+            next_squares = torch.empty(batch, triton.cdiv(n_out, out_meta.get("ROWS") or out_meta["BLOCK_N"]),
+                                       device=out.device,
                                        dtype=torch.float32)
             next_res = torch.empty_like(res_out)
         out_kernel[grid(n_out)](
@@ -943,6 +991,21 @@ def has_tuned_configs(language_model, kind: str, device) -> bool:
     mixer = language_model.layers[0].mixer
     return all(_tuned_key(device, product, kind, weight) in TUNED_CONFIGS
                for product, weight in (("in_proj", mixer.in_proj.weight), ("out_proj", mixer.out_proj.weight)))
+
+
+def _config_override(text: str) -> dict:
+    """MLMAMBA_CONFIG's meta-parameters per kernel: "in_proj:BLOCK_N=128,ROWS=81/ssm:CHUNKS=4" →
+    {"in_proj": {"BLOCK_N": 128, "ROWS": 81}, "ssm": {"CHUNKS": 4}} (integers, or True/False)."""
+    out: dict = {}
+    for part in filter(None, text.split("/")):
+        name, _, items = part.partition(":")
+        if name not in ("in_proj", "out_proj", "ssm"):
+            raise ValueError(f"MLMAMBA_CONFIG: expected in_proj, out_proj or ssm before ':', got {name!r} in {text!r}")
+        for item in filter(None, items.split(",")):
+            key, _, value = item.partition("=")
+            out.setdefault(name, {})[key] = {"True": True, "False": False}.get(value) if value in ("True", "False") \
+                else int(value)
+    return out
 
 
 def _fixed_configs(block_sizes: dict | None) -> dict | None:

@@ -168,8 +168,9 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3)],
-                         ids=["whole-rows", "split-k"])
+@pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3),
+                                        dict(BLOCK_N=16, ROWS=13, SPLIT_K=2)],
+                         ids=["whole-rows", "split-k", "rows-per-program"])
 @pytest.mark.parametrize(
     "text_overrides",
     [dict(num_hidden_layers=3), dict(num_hidden_layers=3, residual_in_fp32=False),
@@ -177,12 +178,13 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
     ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
 )
 @torch.no_grad()
-def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text_overrides):
+def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text_overrides, monkeypatch):
     """2-16 rows with `next_norm_w`: each layer's out_proj forms the next layer's input (ChainedInput: h scaled by
     the next norm's weight, and the sums of squares that give its RMS) and the next in_proj takes it as it is. The
     layers of a tiny LM chained over three tokens against the torch layer function layer by layer: every handed-over
     value against the one formed from the torch layer's (residual, output), the states, and the last layer's
-    (residual, output), which it returns unchained."""
+    (residual, output), which it returns unchained. "rows-per-program": both products with fewer weight rows per
+    program (ROWS) than their tile (BLOCK_N), and the SSM update reading its state in pieces (CHUNKS)."""
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
@@ -195,6 +197,9 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
     configs = {"in_proj": dict(BLOCK_N=16, BLOCK_K=16, PREFETCH=False, num_stages=2),
                "out_proj": dict(BLOCK_K=16, PREFETCH=False, num_stages=2, **out_config)}
+    if "ROWS" in out_config:
+        configs["in_proj"]["ROWS"] = 11
+        monkeypatch.setenv("MLMAMBA_CONFIG", "ssm:BLOCK_P=16,CHUNKS=4")
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
     generator = torch.Generator().manual_seed(12)
     batch = 3
@@ -227,7 +232,8 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
             torch.testing.assert_close(residual_got, h, **tol, msg=f"residual, {where}")
             torch.testing.assert_close(chained.normed, (next_norm_w.float() * x).to(dtype), **tol,
                                        msg=f"normed input, {where}")
-            assert chained.squares.shape == (batch, -(-lm.config.hidden_size // out_config["BLOCK_N"]))
+            rows = out_config.get("ROWS", out_config["BLOCK_N"])
+            assert chained.squares.shape == (batch, -(-lm.config.hidden_size // rows))
             torch.testing.assert_close(chained.squares.sum(-1), x.pow(2).sum(-1).view(batch), **tol,
                                        msg=f"sums of squares, {where}")
         residual, out = expected

@@ -65,6 +65,23 @@ def signature(fn, pointer_dtypes: dict, constants: dict) -> tuple[dict, dict]:
     return sig, attrs
 
 
+def registers(ptx: str, arch: int) -> str:
+    """Registers per thread that Triton's ptxas allocates for `ptx` (what limits how many programs share an SM)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        suffix = "a" if arch >= 90 else ""
+        run = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", str(source),
+                              "-o", str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    found = re.search(r"Used (\d+) registers", run.stdout + run.stderr)
+    return found.group(1) if found else "?"
+
+
 def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     """(label, kernel name, pointer dtypes, constexprs, launch options) at the released shapes."""
     from modeling_mlmamba.generation_mlmamba import TUNED_CONFIGS
@@ -82,10 +99,12 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     meta, options = tuned("in_proj", "matvec", 10576, 2560)
     out.append(("in_proj, 1 sequence", "norm_in_proj_conv", residual, dict(conv, **meta), options))
     for state in ("fp32", "bf16"):
-        out.append((f"SSM update, {state} state", "ssm_step_gate",
-                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
-                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
-                    dict(num_warps=2)))
+        for chunks in (1, 4):
+            out.append((f"SSM update, {state} state", "ssm_step_gate",
+                        dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
+                        dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
+                             CHUNKS=chunks),
+                        dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
@@ -123,7 +142,7 @@ def main():
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
         shown = {k: v for k, v in constants.items()
-                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT"))}
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "CHUNKS"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -132,11 +151,14 @@ def main():
             continue
         ptx = compiled.asm["ptx"]
         counts = collections.Counter(PATTERN.findall(ptx))
-        print(f"{label}: {name} {shown} {options}, shared memory {compiled.metadata.shared} B")
+        print(f"{label}: {name} {shown} {options}, shared memory {compiled.metadata.shared} B, "
+              f"{registers(ptx, args.arch)} registers per thread")
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
             suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT") if constants.get(k))
+            suffix += "".join(f"_{k.lower()}{constants[k]}" for k in ("CHUNKS",) if constants.get(k, 1) > 1)
+            suffix += "_" + pointers["state_ptr"] if "state_ptr" in pointers else ""
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:
         sys.exit(f"{failed} kernel(s) did not compile")
