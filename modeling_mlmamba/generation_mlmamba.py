@@ -321,32 +321,30 @@ def _fused_kernels(autotune: bool = True):
                 tl.store(base + 3, sm.to(tl.int64))
 
     @triton.jit
-    def _ssm_rows(state, state_ptrs, mask, p, p_mask, n, n_mask, proj, channel, group, head, A, dt_bias, gated_w_ptr,
-                  D_ptr, y_ptr, x_start, b_start, c_start, dt_start, state_size, HAS_D: tl.constexpr):
-        # the update of the state rows p (state: those rows as read, any dtype) once the projection is ready: the
-        # new state stored, the gated output (times the gated norm's weight) stored, its sum of squares returned
-        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
-        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
-        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
-        dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
-        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
-        state = state.to(tl.float32) * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
-        tl.store(state_ptrs, state.to(state_ptrs.dtype.element_ty), mask=mask)
-        y = tl.sum(state * C[None, :], axis=1)
-        if HAS_D:
-            y += x * tl.load(D_ptr + head).to(tl.float32)
-        y = y.to(proj.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
-        z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
-        y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
-        # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
-        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + channel, (y * gated_w).to(y_ptr.dtype.element_ty), mask=p_mask)
-        return tl.sum(y * y, axis=0)
+    def _count_done(counter_ptr):
+        # this program's stores done: count it (release: a program that sees the count sees the stores)
+        tl.debug_barrier()
+        tl.atomic_add(counter_ptr, 1, sem="release")
+
+    @triton.jit
+    def _wait_for_count(counter_ptr, target):
+        # until counter_ptr holds target (polled without the atomic unit, ~0.25 µs apart so that thousands of
+        # waiting programs do not crowd the counter's L2 slice), then acquire: the counted programs' stores are
+        # visible to all of this program's threads
+        seen = tl.load(counter_ptr + tl.arange(0, 1), volatile=True)
+        while tl.sum(seen, axis=0) < target:
+            seen = tl.inline_asm_elementwise("nanosleep.u32 256; mov.u32 $0, $1;", "=r,r", [seen], dtype=tl.int32,
+                                             is_pure=False, pack=1)
+            seen = tl.load(counter_ptr + tl.arange(0, 1), volatile=True)
+        # (a compare-and-swap that changes nothing: Triton drops an atomic add of 0 whose result is unused)
+        tl.atomic_cas(counter_ptr, target, target, sem="acquire")
+        tl.debug_barrier()
 
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
     globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
-                     _wait_for_previous=_wait_for_previous, _trace=_trace, _ssm_rows=_ssm_rows)
+                     _wait_for_previous=_wait_for_previous, _trace=_trace,
+                     _count_done=_count_done, _wait_for_count=_wait_for_count)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -420,54 +418,87 @@ def _fused_kernels(autotune: bool = True):
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
         HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        LAUNCH_EARLY: tl.constexpr = False, CHUNKS: tl.constexpr = 1,
+        LAUNCH_EARLY: tl.constexpr = False, OVERLAP: tl.constexpr = False, counter_ptr=None, n_counted=0,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
+        # OVERLAP (norm_in_proj_conv_rows's): instead of waiting for in_proj to finish, wait until its programs have
+        # all stored x, B, C and dt (counter_ptr[0] == n_counted), store y ungated (gate_rows gates it) and leave,
+        # but for one program, which waits for the gate z too (counter_ptr[1]), so that this kernel's end means
+        # in_proj's
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < head_dim
         n = tl.arange(0, BLOCK_S)
         n_mask = n < state_size
         proj = proj_ptr + batch * stride_proj_b
-        y_row = y_ptr + batch * stride_y_b
+        channel = head * head_dim + p
         group = head // heads_per_group
-        state_base = state_ptr + batch * stride_s_b + head * stride_s_h
         # the state and the weights do not depend on the previous kernel: read before waiting for it
+        state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
+                      + n[None, :] * stride_s_n)
+        mask = p_mask[:, None] & n_mask[None, :]
+        state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
         A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
+        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-        if CHUNKS == 1:  # the state tile into registers
-            p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-            p_mask = p < head_dim
-            state_ptrs = state_base + p[:, None] * stride_s_p + n[None, :] * stride_s_n
-            mask = p_mask[:, None] & n_mask[None, :]
-            state = tl.load(state_ptrs, mask=mask, other=0.0)
-            _wait_for_previous(USE_PDL, LAUNCH_EARLY)
-            _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-            total = _ssm_rows(state, state_ptrs, mask, p, p_mask, n, n_mask, proj, head * head_dim + p, group, head,
-                              A, dt_bias, gated_w_ptr, D_ptr, y_row, x_start, b_start, c_start, dt_start, state_size,
-                              HAS_D)
+        if OVERLAP:
+            if USE_PDL:
+                tl.extra.cuda.gdc_launch_dependents()
+            _wait_for_count(counter_ptr, n_counted)
         else:
-            # in CHUNKS pieces of rows through Triton's software pipelining, every piece's read issued (into shared
-            # memory, cp.async) before the loop and so before the wait: a program holds its state in shared memory
-            # rather than registers while it waits, so that more of them fit beside in_proj's
-            total = 0.0
-            for i in tl.range(0, CHUNKS, num_stages=CHUNKS + 1):
-                p = pid_p * BLOCK_P + i * (BLOCK_P // CHUNKS) + tl.arange(0, BLOCK_P // CHUNKS)
-                p_mask = p < head_dim
-                state_ptrs = state_base + p[:, None] * stride_s_p + n[None, :] * stride_s_n
-                mask = p_mask[:, None] & n_mask[None, :]
-                state = tl.load(state_ptrs, mask=mask, other=0.0)
-                # (inside a branch the compiler cannot decide, the reads that depend on the previous kernel stay
-                # after the wait: the pipelining moves only the loop's top-level reads ahead of it)
-                if state_size > 0:
-                    _wait_for_previous(USE_PDL, LAUNCH_EARLY)  # once: waiting again returns at once
-                    if i == 0:
-                        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-                    total += _ssm_rows(state, state_ptrs, mask, p, p_mask, n, n_mask, proj, head * head_dim + p,
-                                       group, head, A, dt_bias, gated_w_ptr, D_ptr, y_row, x_start, b_start, c_start,
-                                       dt_start, state_size, HAS_D)
-        tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, total)
+            _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
+        x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
+        B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
+        dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
+        dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
+        state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
+        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+        y = tl.sum(state * C[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + head).to(tl.float32)
+        if OVERLAP:
+            tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+            if (pid_p == 0) & (head == 0) & (batch == 0):
+                _wait_for_count(counter_ptr + 1, n_counted)
+        else:
+            y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
+            z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
+            y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
+            tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
+            # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
+            y *= gated_w
+            tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
+        _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
+
+    @triton.jit
+    def gate_rows(
+        y_ptr, proj_ptr, gated_w_ptr, out_ptr, part_ptr, counter_ptr, stride_y_b, stride_proj_b, stride_out_b,
+        stride_part_b, head_dim, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr, LAUNCH_EARLY: tl.constexpr = False,
+        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
+    ):
+        # OVERLAP's fourth kernel, one head of one sequence per program: the SSM output y gated by silu(z) (z from
+        # in_proj), its sum of squares for the gated norm (one per head), times the norm's weight; and the layer's
+        # counters reset for the next step (the SSM kernel has finished, so in_proj has, and no one waits on them)
+        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
+        head, batch = tl.program_id(0), tl.program_id(1)
+        p = tl.arange(0, BLOCK_P)
+        p_mask = p < head_dim
+        channel = head * head_dim + p
+        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
+        if (head == 0) & (batch == 0):
+            tl.store(counter_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
+        y = tl.load(y_ptr + batch * stride_y_b + channel, mask=p_mask, other=0.0).to(tl.float32)
+        z = tl.load(proj_ptr + batch * stride_proj_b + channel, mask=p_mask, other=0.0).to(tl.float32)
+        y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
+        tl.store(part_ptr + batch * stride_part_b + head, tl.sum(y * y, axis=0))
+        tl.store(out_ptr + batch * stride_out_b + channel, (y * gated_w).to(out_ptr.dtype.element_ty), mask=p_mask)
         _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
@@ -518,60 +549,45 @@ def _fused_kernels(autotune: bool = True):
     # ---- a few rows (batch 2-16): the same three steps with the products on tensor cores (tl.dot over a 16-row
     # tile), each weight tile read once for all rows; the SSM kernel above already takes any batch
     @triton.jit
-    def norm_in_proj_conv_rows(
-        res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-        M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
-        eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
-        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREFETCH: tl.constexpr = True,
-        LAUNCH_EARLY: tl.constexpr = False,
-        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
-        ROWS: tl.constexpr = 0,
-        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
+    def _in_proj_rows(
+        w, res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+        rows, row_mask, first, M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k,
+        stride_cw_c, stride_cw_k, eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+        SILU: tl.constexpr, D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, NORMED: tl.constexpr,
+        BLOCK_SQUARES: tl.constexpr, PACKED_CONV: tl.constexpr,
     ):
-        # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
-        # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
-        # the weight and that input into the tensor cores; else h = res + prev and its statistics are formed here
-        pid = tl.program_id(0)
+        # in_proj's weight rows `rows` for the batch's rows, their conv update where they are xBC channels, stored
+        # (w: the first weight tile, read already, with PREFETCH; `first`: this program stores the residual)
         dtype = norm_w_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
-        if ROWS == 0:  # BLOCK_N weight rows per program
-            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            row_mask = rows < N
-        else:  # ROWS (at most BLOCK_N) weight rows per program: programs as many as the SMs, say
-            rows = pid * ROWS + tl.arange(0, BLOCK_N)
-            row_mask = (tl.arange(0, BLOCK_N) < ROWS) & (rows < N)
         kk = tl.arange(0, BLOCK_K)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: see _rows_dot
         if PREFETCH:
-            w = _matvec_tile(w_ptr, rows, kk, row_mask, K, stride_wn)
-        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
-        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
+            tile = w
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + kk
             if PREFETCH:
                 w_next = _matvec_tile(w_ptr, rows, cols + BLOCK_K, row_mask, K, stride_wn)
             else:
-                w = _matvec_tile(w_ptr, rows, cols, row_mask, K, stride_wn)
+                tile = _matvec_tile(w_ptr, rows, cols, row_mask, K, stride_wn)
             x_mask = m_mask[:, None] & (cols < K)[None, :]
             if NORMED:
                 x = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0)
-                acc = _rows_dot(x, w, acc, IEEE)
+                acc = _rows_dot(x, tile, acc, IEEE)
             else:
                 h = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
                 h += tl.load(prev_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
                 h = h.to(res_out_ptr.dtype.element_ty)
-                tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & (pid == 0))
+                tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & first)
                 x = h.to(dtype).to(tl.float32)
                 squares += x * x
                 x = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :] * x
-                acc = _rows_dot(x.to(w.dtype), w, acc, IEEE)
+                acc = _rows_dot(x.to(tile.dtype), tile, acc, IEEE)
             if PREFETCH:
-                w = w_next
+                tile = w_next
         acc = tl.trans(acc)
         if NORMED:
             i = tl.arange(0, BLOCK_SQUARES)
@@ -621,6 +637,61 @@ def _fused_kernels(autotune: bool = True):
         val = tl.where(is_conv[None, :], conv, val)
         tl.store(out_ptr + m[:, None] * N + rows[None, :], val.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & row_mask[None, :])
+
+    globals().update(_in_proj_rows=_in_proj_rows)
+
+    @triton.jit
+    def norm_in_proj_conv_rows(
+        res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+        M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
+        eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREFETCH: tl.constexpr = True,
+        LAUNCH_EARLY: tl.constexpr = False,
+        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
+        OVERLAP: tl.constexpr = False, counter_ptr=None, ROWS: tl.constexpr = 0,
+        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
+    ):
+        # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
+        # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
+        # the weight and that input into the tensor cores; else h = res + prev and its statistics are formed here.
+        # OVERLAP: program p computes row block p of what the SSM update needs (x, B, C, dt: the rows from
+        # conv_start on), counts it done in counter_ptr[0], then row block p of the gate z (rows before conv_start)
+        # and counts that in counter_ptr[1]: the SSM update, waiting on the first count, reads and writes its
+        # state while the gate's rows stream
+        # (ROWS, with OVERLAP: that many rows of each block per program, at most BLOCK_N, e.g. one program per SM)
+        pid = tl.program_id(0)
+        if OVERLAP:
+            rows_per: tl.constexpr = ROWS if ROWS > 0 else BLOCK_N
+            rows = conv_start + pid * rows_per + tl.arange(0, BLOCK_N)
+            row_mask = (rows < N) & (tl.arange(0, BLOCK_N) < rows_per)
+        else:
+            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+        w = 0.0
+        if PREFETCH:
+            w = _matvec_tile(w_ptr, rows, tl.arange(0, BLOCK_K), row_mask, K, stride_wn)
+        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
+        _in_proj_rows(w, res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr,
+                      conv_b_ptr, rows, row_mask, pid == 0, M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b,
+                      stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k, eps, n_squares, HAS_BIAS, HAS_CONV_BIAS,
+                      SILU, D_CONV, BLOCK_C, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH, NORMED, BLOCK_SQUARES,
+                      PACKED_CONV)
+        if OVERLAP:
+            _count_done(counter_ptr)
+            rows = pid * rows_per + tl.arange(0, BLOCK_N)
+            row_mask = (rows < conv_start) & (tl.arange(0, BLOCK_N) < rows_per)
+            if PREFETCH:
+                w = _matvec_tile(w_ptr, rows, tl.arange(0, BLOCK_K), row_mask, K, stride_wn)
+            _in_proj_rows(w, res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr,
+                          conv_w_ptr, conv_b_ptr, rows, row_mask, False, M, N, K, stride_wn, conv_start, conv_dim,
+                          stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k, eps, n_squares, HAS_BIAS,
+                          HAS_CONV_BIAS, SILU, D_CONV, BLOCK_C, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH, NORMED,
+                          BLOCK_SQUARES, PACKED_CONV)
+            _count_done(counter_ptr + 1)
         _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
@@ -632,7 +703,7 @@ def _fused_kernels(autotune: bool = True):
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PREFETCH: tl.constexpr = True,
         LAUNCH_EARLY: tl.constexpr = False,
-        NEXT: tl.constexpr = False, ROWS: tl.constexpr = 0,
+        NEXT: tl.constexpr = False,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
         # NEXT: instead of the mixer output, form the next layer's input (see norm_in_proj_conv_rows's NORMED): the
@@ -641,12 +712,8 @@ def _fused_kernels(autotune: bool = True):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
-        if ROWS == 0:  # BLOCK_N weight rows per program
-            rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            row_mask = rows < N
-        else:  # ROWS (at most BLOCK_N) weight rows per program: programs as many as the SMs, say
-            rows = pid_n * ROWS + tl.arange(0, BLOCK_N)
-            row_mask = (tl.arange(0, BLOCK_N) < ROWS) & (rows < N)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
         kk = tl.arange(0, BLOCK_K)
         k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
         k_end = tl.minimum((pid_k + 1) * k_len, K)
@@ -736,7 +803,7 @@ def _fused_kernels(autotune: bool = True):
         ]
         gated_norm_out_proj_rows = triton.autotune(row_split_configs, key=["M", "N", "K"])(gated_norm_out_proj_rows)
     return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj, norm_in_proj_conv_rows,
-                    gated_norm_out_proj_rows)
+                    gated_norm_out_proj_rows, gate_rows)
 
 
 def fused_kernels():
@@ -791,7 +858,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     if found is None:
         return None
     triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj, norm_in_proj_conv_rows,
-             gated_norm_out_proj_rows) = found
+             gated_norm_out_proj_rows, gate_rows) = found
     s = _block_shape(language_model)
     fixed = _fixed_configs(block_sizes)
     counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
@@ -803,11 +870,15 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     pdl_in = pdl
     if use_pdl and os.environ.get("MLMAMBA_PDL_IN", "1") == "0":
         pdl_in = dict(USE_PDL=True, LAUNCH_EARLY=early)
-    # MLMAMBA_CONFIG (experiments, 2-16 rows): meta-parameters over the tuned ones, e.g.
-    # "in_proj:BLOCK_N=128,ROWS=81/out_proj:ROWS=39/ssm:CHUNKS=4,num_warps=1" (products separated by '/')
-    override = _config_override(os.environ.get("MLMAMBA_CONFIG", ""))
-    ssm_meta = {"num_warps": 2, **override.get("ssm", {})}
-    block_p = min(ssm_meta.pop("BLOCK_P", _SSM_BLOCK_P), triton.next_power_of_2(s.head_dim))
+    # MLMAMBA_OVERLAP=1 (2-16 rows, in_proj's configuration fixed or tuned): the SSM update reads and writes its
+    # state while in_proj computes the gate z, and a fourth kernel gates (norm_in_proj_conv_rows's OVERLAP)
+    # (an experiment: "BLOCK_N,BLOCK_K,num_stages" in place of "1" sets in_proj's tile for it)
+    overlap_env = os.environ.get("MLMAMBA_OVERLAP", "0")
+    overlap = overlap_env != "0"
+    overlap_tile = (dict(zip(("BLOCK_N", "BLOCK_K", "num_stages", "ROWS"), map(int, overlap_env.split(","))))
+                    if "," in overlap_env else {})
+    flags: dict = {}  # (device, in_proj weight) → that layer's two counters (zero between steps: gate_rows resets)
+    block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -816,7 +887,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     dt_start = c_start + s.groups * s.state
 
     def grid(n):
-        return lambda m: (triton.cdiv(n, m.get("ROWS") or m["BLOCK_N"]), m.get("SPLIT_K", 1))
+        return lambda m: (triton.cdiv(n, m["BLOCK_N"]), m.get("SPLIT_K", 1))
 
     # MLMAMBA_TRACE=1 (benchmarks/experiments.py --part timeline): the 2-16-row kernels record each program's
     # start / inputs-ready / done times in `block_step.trace["buffer"]`, one slot per launch from trace["next"] on
@@ -863,8 +934,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         kind = "matvec" if batch == 1 else "rows"
         in_kernel, in_meta = _product_launch(
             norm_in_proj_conv if batch == 1 else norm_in_proj_conv_rows, fixed, "in_proj", kind, in_w)
-        if batch > 1 and in_meta:
-            in_meta.update(override.get("in_proj", {}))
         conv_args = dict(HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None,
                          SILU=s.activation in ("silu", "swish"), D_CONV=conv_w.shape[-1],
                          BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **(pdl_in if batch > 1 else pdl),
@@ -879,13 +948,25 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
             )
         else:  # 2-16 rows; chained, the normalised input and its sums of squares come in place of residual and out
+            overlapped = overlap and "BLOCK_N" in in_meta
+            if overlapped:
+                in_meta.update(overlap_tile)
+                conv_args.update(overlap_tile)
+                key = (out.device, in_w.data_ptr())
+                if key not in flags:
+                    flags[key] = torch.zeros(2, device=out.device, dtype=torch.int32)
+                counted = triton.cdiv(n_in - s.intermediate, in_meta.get("ROWS") or in_meta["BLOCK_N"])  # programs
+                in_grid = (counted,)
+                conv_args.update(OVERLAP=True, counter_ptr=flags[key])
+            else:
+                in_grid = grid(n_in)
             packed = (conv_w.shape[-1] == 4 and conv_state.dtype == conv_w2.dtype == projected.dtype
                       and conv_state.dtype in (torch.bfloat16, torch.float16) and conv_state.stride()[1:] == (4, 1)
                       and conv_w2.stride() == (4, 1) and conv_state.data_ptr() % 8 == 0
                       and conv_w2.data_ptr() % 8 == 0)
             states = conv_state.view(torch.int64) if packed else conv_state
             taps = conv_w2.view(torch.int64) if packed else conv_w2
-            in_kernel[grid(n_in)](
+            in_kernel[in_grid](
                 out if chained else residual, squares if chained else out, norm_w, res_out, in_w,
                 in_b if in_b is not None else in_w, projected,
                 states, taps, conv_b if conv_b is not None else conv_w2,
@@ -897,17 +978,27 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 **trace_args(out.device),
             )
         gated = out_w.new_empty(batch, s.intermediate)
-        parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
+        overlapped = batch > 1 and overlap and "BLOCK_N" in in_meta
+        parts_count = s.heads if overlapped else n_parts  # the gated norm's partial sums of squares, per row
+        parts = torch.empty(batch, parts_count, device=out.device, dtype=torch.float32)
+        ungated = projected.new_empty(batch, s.intermediate) if overlapped else gated
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
-            projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
-            projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
+            projected, ssm_state, A_log, D, dt_bias, gated_w, ungated, parts,
+            projected.stride(0), *ssm_state.stride(), ungated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=triton.next_power_of_2(s.state), **(ssm_meta if batch > 1 else dict(num_warps=2)), **pdl,
+            BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
+            **(dict(OVERLAP=True, counter_ptr=conv_args["counter_ptr"], n_counted=counted) if overlapped else {}),
             **(trace_args(out.device) if batch > 1 else {}),
         )
+        if overlapped:
+            gate_rows[(s.heads, batch)](
+                ungated, projected, gated_w, gated, parts, conv_args["counter_ptr"], ungated.stride(0),
+                projected.stride(0), gated.stride(0), parts.stride(0), s.head_dim,
+                BLOCK_P=triton.next_power_of_2(s.head_dim), num_warps=1, **pdl, **trace_args(out.device),
+            )
         n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)
         count = counters.get(out.device)
@@ -915,12 +1006,10 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             count = counters[out.device] = torch.zeros(n_out, device=out.device, dtype=torch.int32)
         out_kernel, out_meta = _product_launch(
             gated_norm_out_proj if batch == 1 else gated_norm_out_proj_rows, fixed, "out_proj", kind, out_w)
-        if batch > 1 and out_meta:
-            out_meta.update(override.get("out_proj", {}))
         # the split-K partial sums (the autotuned configs split out_proj's columns in up to 4)
         split = torch.empty(out_meta.get("SPLIT_K", 4), batch, n_out, device=out.device, dtype=torch.float32)
         norm_args = dict(HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
-                         BLOCK_PARTS=triton.next_power_of_2(n_parts), **pdl, **out_meta)
+                         BLOCK_PARTS=triton.next_power_of_2(parts_count), **pdl, **out_meta)
         if batch == 1:
             out_kernel[grid(n_out)](
                 gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
@@ -930,14 +1019,13 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         # 2-16 rows: with the next layer's norm weight (and out_proj's row blocks known), form its input here
         chain = next_norm_w is not None and "BLOCK_N" in out_meta
         if chain:
-            next_squares = torch.empty(batch, triton.cdiv(n_out, out_meta.get("ROWS") or out_meta["BLOCK_N"]),
-                                       device=out.device,
+            next_squares = torch.empty(batch, triton.cdiv(n_out, out_meta["BLOCK_N"]), device=out.device,
                                        dtype=torch.float32)
             next_res = torch.empty_like(res_out)
         out_kernel[grid(n_out)](
             gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, res_out,
             next_res if chain else res_out, next_norm_w if chain else out_w, next_squares if chain else parts,
-            batch, n_out, k_out, out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
+            batch, n_out, k_out, out_w.stride(0), parts_count, parts_count // s.groups, s.group_size, s.gated_eps,
             IEEE=out_w.dtype == torch.float32, BLOCK_M=FUSED_MAX_ROWS, NEXT=chain, **norm_args,
             **trace_args(out.device),
         )
@@ -947,6 +1035,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
 
     block_step.chains_layers = True
     block_step.trace = trace
+    block_step.overlap, block_step.counters = overlap, flags
     return block_step
 
 
@@ -991,21 +1080,6 @@ def has_tuned_configs(language_model, kind: str, device) -> bool:
     mixer = language_model.layers[0].mixer
     return all(_tuned_key(device, product, kind, weight) in TUNED_CONFIGS
                for product, weight in (("in_proj", mixer.in_proj.weight), ("out_proj", mixer.out_proj.weight)))
-
-
-def _config_override(text: str) -> dict:
-    """MLMAMBA_CONFIG's meta-parameters per kernel: "in_proj:BLOCK_N=128,ROWS=81/ssm:CHUNKS=4" →
-    {"in_proj": {"BLOCK_N": 128, "ROWS": 81}, "ssm": {"CHUNKS": 4}} (integers, or True/False)."""
-    out: dict = {}
-    for part in filter(None, text.split("/")):
-        name, _, items = part.partition(":")
-        if name not in ("in_proj", "out_proj", "ssm"):
-            raise ValueError(f"MLMAMBA_CONFIG: expected in_proj, out_proj or ssm before ':', got {name!r} in {text!r}")
-        for item in filter(None, items.split(",")):
-            key, _, value = item.partition("=")
-            out.setdefault(name, {})[key] = {"True": True, "False": False}.get(value) if value in ("True", "False") \
-                else int(value)
-    return out
 
 
 def _fixed_configs(block_sizes: dict | None) -> dict | None:

@@ -169,8 +169,8 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3),
-                                        dict(BLOCK_N=16, ROWS=13, SPLIT_K=2)],
-                         ids=["whole-rows", "split-k", "rows-per-program"])
+                                        dict(BLOCK_N=16, SPLIT_K=2, overlap="16,16,2,11")],
+                         ids=["whole-rows", "split-k", "overlapped"])
 @pytest.mark.parametrize(
     "text_overrides",
     [dict(num_hidden_layers=3), dict(num_hidden_layers=3, residual_in_fp32=False),
@@ -183,8 +183,9 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
     the next norm's weight, and the sums of squares that give its RMS) and the next in_proj takes it as it is. The
     layers of a tiny LM chained over three tokens against the torch layer function layer by layer: every handed-over
     value against the one formed from the torch layer's (residual, output), the states, and the last layer's
-    (residual, output), which it returns unchained. "rows-per-program": both products with fewer weight rows per
-    program (ROWS) than their tile (BLOCK_N), and the SSM update reading its state in pieces (CHUNKS)."""
+    (residual, output), which it returns unchained. "overlapped": MLMAMBA_OVERLAP=1 (in_proj computes x, B, C, dt
+    first and counts them, the SSM update waits on that count, a fourth kernel gates); its counters must be back at
+    zero after every layer, ready for the next token."""
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
@@ -195,11 +196,12 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)).to(p) * 0.1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    out_config = dict(out_config)
+    overlapped = out_config.pop("overlap", False)
+    if overlapped:  # in_proj's tile 16 × 16, 2 stages, 11 of its rows per program
+        monkeypatch.setenv("MLMAMBA_OVERLAP", overlapped)
     configs = {"in_proj": dict(BLOCK_N=16, BLOCK_K=16, PREFETCH=False, num_stages=2),
                "out_proj": dict(BLOCK_K=16, PREFETCH=False, num_stages=2, **out_config)}
-    if "ROWS" in out_config:
-        configs["in_proj"]["ROWS"] = 11
-        monkeypatch.setenv("MLMAMBA_CONFIG", "ssm:BLOCK_P=16,CHUNKS=4")
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
     generator = torch.Generator().manual_seed(12)
     batch = 3
@@ -215,6 +217,9 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
             got = fused(*got, *states[1][index], *weights,
                         next_norm_w=None if last else layers[index + 1][0][0])
             where = f"layer {index}, token {step}"
+            if overlapped:
+                assert fused.overlap and len(fused.counters) == (index + 1 if step == 0 else len(layers))
+                assert all(not counts.any() for counts in fused.counters.values()), f"counters left, {where}"
             torch.testing.assert_close(states[1][index][0], states[0][index][0], **tol, msg=f"conv state, {where}")
             torch.testing.assert_close(states[1][index][1], states[0][index][1], **tol, msg=f"SSM state, {where}")
             if last:
@@ -232,8 +237,7 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
             torch.testing.assert_close(residual_got, h, **tol, msg=f"residual, {where}")
             torch.testing.assert_close(chained.normed, (next_norm_w.float() * x).to(dtype), **tol,
                                        msg=f"normed input, {where}")
-            rows = out_config.get("ROWS", out_config["BLOCK_N"])
-            assert chained.squares.shape == (batch, -(-lm.config.hidden_size // rows))
+            assert chained.squares.shape == (batch, -(-lm.config.hidden_size // out_config["BLOCK_N"]))
             torch.testing.assert_close(chained.squares.sum(-1), x.pow(2).sum(-1).view(batch), **tol,
                                        msg=f"sums of squares, {where}")
         residual, out = expected

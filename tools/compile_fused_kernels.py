@@ -47,8 +47,8 @@ def signature(fn, pointer_dtypes: dict, constants: dict) -> tuple[dict, dict]:
     """Triton's signature and specialisation attributes for `fn` (a JITFunction); fills in default constexprs."""
     params = inspect.signature(fn.fn).parameters
     constants.update({name: 1 for name in params if name in ONE})
-    for name, param in params.items():
-        if param.default is not inspect.Parameter.empty:
+    for name, param in params.items():  # defaults as constants, but for arguments a job passes (pointers, counts)
+        if param.default is not inspect.Parameter.empty and name not in pointer_dtypes and name != "n_counted":
             constants.setdefault(name, param.default)
     sig, attrs = {}, {}
     for index, name in enumerate(params):
@@ -99,12 +99,10 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     meta, options = tuned("in_proj", "matvec", 10576, 2560)
     out.append(("in_proj, 1 sequence", "norm_in_proj_conv", residual, dict(conv, **meta), options))
     for state in ("fp32", "bf16"):
-        for chunks in (1, 4):
-            out.append((f"SSM update, {state} state", "ssm_step_gate",
-                        dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
-                        dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
-                             CHUNKS=chunks),
-                        dict(num_warps=2)))
+        out.append((f"SSM update, {state} state", "ssm_step_gate",
+                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
+                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
+                    dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
@@ -115,6 +113,19 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                 dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32", **packed),
                 dict(conv, IEEE=False, BLOCK_M=8, NORMED=True, BLOCK_SQUARES=64, PACKED_CONV=True, **meta),
                 options))
+    # MLMAMBA_OVERLAP=1: in_proj's SSM inputs first, counted; the SSM update waiting on the count; the gate kernel
+    out.append(("in_proj, 2-16 sequences, chained input, overlapped", "norm_in_proj_conv_rows",
+                dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32", counter_ptr="i32", **packed),
+                dict(conv, IEEE=False, BLOCK_M=8, NORMED=True, BLOCK_SQUARES=64, PACKED_CONV=True, OVERLAP=True,
+                     **dict(meta, BLOCK_N=32)), options))
+    for state in ("fp32", "bf16"):
+        out.append((f"SSM update, {state} state, overlapped", "ssm_step_gate",
+                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
+                         counter_ptr="i32"),
+                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
+                         OVERLAP=True), dict(num_warps=2)))
+    out.append(("gate, overlapped", "gate_rows", dict(part_ptr="fp32", counter_ptr="i32"),
+                dict(USE_PDL=True, LAUNCH_EARLY=True, BLOCK_P=64), dict(num_warps=1)))
     meta, options = tuned("out_proj", "rows", 2560, 5120)
     out.append(("out_proj, 2-16 sequences", "gated_norm_out_proj_rows", dict(parts, **residual),
                 dict(gated, IEEE=False, BLOCK_M=16, **meta), options))
@@ -142,7 +153,7 @@ def main():
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
         shown = {k: v for k, v in constants.items()
-                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "CHUNKS"))}
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "OVERLAP"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -156,8 +167,7 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT") if constants.get(k))
-            suffix += "".join(f"_{k.lower()}{constants[k]}" for k in ("CHUNKS",) if constants.get(k, 1) > 1)
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "OVERLAP") if constants.get(k))
             suffix += "_" + pointers["state_ptr"] if "state_ptr" in pointers else ""
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:
