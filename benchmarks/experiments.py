@@ -671,6 +671,7 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
 
     spec = Spec("mlmamba", model)
     pixel_values = spec.preprocess([random_image()]).to("cuda", torch.bfloat16)
+    names = ("in_proj", "SSM", "out_proj")
     for batch in [b for b in batches if b > 1]:
         for state_dtype in state_dtypes:
             model._decode_graphs = None
@@ -686,8 +687,6 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
                 if block is None or block.trace is None:
                     print(f"batch {batch}: no fused layer with tracing here")
                     return
-                names = ("in_proj", "SSM", "gate", "out_proj") if block.overlap else ("in_proj", "SSM", "out_proj")
-                per = len(names)  # kernels per layer
                 block.trace["next"] = 0
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -707,7 +706,7 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
                 times = (buf[slot][used][:, :3] - t0).double() / 1e3
                 rows.append(dict(n=int(used.sum()), sms=len(set(buf[slot][used][:, 3].tolist())),
                                  start=times[:, 0], ready=times[:, 1], done=times[:, 2]))
-            layers = launches // per
+            layers = launches // 3
             print(f"\n===== timeline of one decode step, batch {batch}, {state_dtype} state: graph replay "
                   f"{traced_ms:.3f} ms with the timestamps; µs, mean over layers 1..{layers - 2}")
             print("| kernel | programs | SMs | first start | first ready | median ready | last ready | median done | "
@@ -722,14 +721,14 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
                 }
                 cols = {c: [] for c in [*stats, "span"]}
                 for layer in range(1, layers - 1):
-                    r = rows[per * layer + k]
-                    prev_done = rows[per * layer + k - 1]["done"].max()  # the kernel before it
+                    r = rows[3 * layer + k]
+                    prev_done = rows[3 * layer + k - 1]["done"].max()  # the kernel before it
                     for column, (point, statistic) in stats.items():
                         cols[column].append(float(statistic(r[point]) - prev_done))
                     cols["span"].append(float(r["done"].max() - r["ready"].min()))
-                n, sms = rows[per + k]["n"], rows[per + k]["sms"]
+                n, sms = rows[3 + k]["n"], rows[3 + k]["sms"]
                 print(f"| {name} | {n} | {sms} | " + " | ".join(f"{sum(v) / len(v):.1f}" for v in cols.values()) + " |")
-            per_layer = [float(rows[per * (layer + 1)]["ready"].min() - rows[per * layer]["ready"].min())
+            per_layer = [float(rows[3 * (layer + 1)]["ready"].min() - rows[3 * layer]["ready"].min())
                          for layer in range(1, layers - 1)]
             print(f"(times from the previous kernel's last program done; a layer: {sum(per_layer) / len(per_layer):.1f}"
                   f" µs from in_proj's first ready to the next in_proj's)")

@@ -168,9 +168,8 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3),
-                                        dict(BLOCK_N=16, SPLIT_K=2, overlap="16,16,2,11")],
-                         ids=["whole-rows", "split-k", "overlapped"])
+@pytest.mark.parametrize("out_config", [dict(BLOCK_N=16, SPLIT_K=1), dict(BLOCK_N=8, SPLIT_K=3)],
+                         ids=["whole-rows", "split-k"])
 @pytest.mark.parametrize(
     "text_overrides",
     [dict(num_hidden_layers=3), dict(num_hidden_layers=3, residual_in_fp32=False),
@@ -178,14 +177,12 @@ def test_fused_layer_with_a_bfloat16_state_steps_like_a_float32_state_rounded():
     ids=["released", "bf16-residual", "two-groups-bias-odd-head-dim"],
 )
 @torch.no_grad()
-def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text_overrides, monkeypatch):
+def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text_overrides):
     """2-16 rows with `next_norm_w`: each layer's out_proj forms the next layer's input (ChainedInput: h scaled by
     the next norm's weight, and the sums of squares that give its RMS) and the next in_proj takes it as it is. The
     layers of a tiny LM chained over three tokens against the torch layer function layer by layer: every handed-over
     value against the one formed from the torch layer's (residual, output), the states, and the last layer's
-    (residual, output), which it returns unchained. "overlapped": MLMAMBA_OVERLAP=1 (in_proj computes x, B, C, dt
-    first and counts them, the SSM update waits on that count, a fourth kernel gates); its counters must be back at
-    zero after every layer, ready for the next token."""
+    (residual, output), which it returns unchained."""
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
@@ -196,10 +193,6 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)).to(p) * 0.1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    out_config = dict(out_config)
-    overlapped = out_config.pop("overlap", False)
-    if overlapped:  # in_proj's tile 16 × 16, 2 stages, 11 of its rows per program
-        monkeypatch.setenv("MLMAMBA_OVERLAP", overlapped)
     configs = {"in_proj": dict(BLOCK_N=16, BLOCK_K=16, PREFETCH=False, num_stages=2),
                "out_proj": dict(BLOCK_K=16, PREFETCH=False, num_stages=2, **out_config)}
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=configs)
@@ -217,9 +210,6 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
             got = fused(*got, *states[1][index], *weights,
                         next_norm_w=None if last else layers[index + 1][0][0])
             where = f"layer {index}, token {step}"
-            if overlapped:
-                assert fused.overlap and len(fused.counters) == (index + 1 if step == 0 else len(layers))
-                assert all(not counts.any() for counts in fused.counters.values()), f"counters left, {where}"
             torch.testing.assert_close(states[1][index][0], states[0][index][0], **tol, msg=f"conv state, {where}")
             torch.testing.assert_close(states[1][index][1], states[0][index][1], **tol, msg=f"SSM state, {where}")
             if last:

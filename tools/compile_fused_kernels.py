@@ -4,7 +4,8 @@
 Triton's compiler (front end, MLIR passes, LLVM, and the ptxas it ships) runs on any machine, so this catches
 compile errors and shows what the kernels became without a GPU lease: for each kernel at the released model's
 shapes (the launch configurations of TUNED_CONFIGS in modeling_mlmamba/generation_mlmamba.py, both SSM state dtypes
-where it matters) it prints the shared memory it needs and a count of its memory and matrix instructions in the PTX
+where it matters) it prints the shared memory it needs, the registers per thread ptxas allocates (with the shared
+memory, what bounds how many of its programs share an SM), and a count of its memory and matrix instructions in the PTX
 (e.g. whether the weight tiles are read with 16-byte vector loads `ld.global...v4`, through `cp.async`, and whether
 the products use Hopper's `wgmma`). Integer arguments and pointers are specialised as Triton specialises them at
 launch for these shapes (divisible by 16; unit strides as constants).
@@ -47,8 +48,8 @@ def signature(fn, pointer_dtypes: dict, constants: dict) -> tuple[dict, dict]:
     """Triton's signature and specialisation attributes for `fn` (a JITFunction); fills in default constexprs."""
     params = inspect.signature(fn.fn).parameters
     constants.update({name: 1 for name in params if name in ONE})
-    for name, param in params.items():  # defaults as constants, but for arguments a job passes (pointers, counts)
-        if param.default is not inspect.Parameter.empty and name not in pointer_dtypes and name != "n_counted":
+    for name, param in params.items():  # defaults as constants, but for pointers a job passes
+        if param.default is not inspect.Parameter.empty and name not in pointer_dtypes:
             constants.setdefault(name, param.default)
     sig, attrs = {}, {}
     for index, name in enumerate(params):
@@ -113,19 +114,6 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                 dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32", **packed),
                 dict(conv, IEEE=False, BLOCK_M=8, NORMED=True, BLOCK_SQUARES=64, PACKED_CONV=True, **meta),
                 options))
-    # MLMAMBA_OVERLAP=1: in_proj's SSM inputs first, counted; the SSM update waiting on the count; the gate kernel
-    out.append(("in_proj, 2-16 sequences, chained input, overlapped", "norm_in_proj_conv_rows",
-                dict(res_ptr="bf16", prev_ptr="fp32", res_out_ptr="fp32", counter_ptr="i32", **packed),
-                dict(conv, IEEE=False, BLOCK_M=8, NORMED=True, BLOCK_SQUARES=64, PACKED_CONV=True, OVERLAP=True,
-                     **dict(meta, BLOCK_N=32)), options))
-    for state in ("fp32", "bf16"):
-        out.append((f"SSM update, {state} state, overlapped", "ssm_step_gate",
-                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
-                         counter_ptr="i32"),
-                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
-                         OVERLAP=True), dict(num_warps=2)))
-    out.append(("gate, overlapped", "gate_rows", dict(part_ptr="fp32", counter_ptr="i32"),
-                dict(USE_PDL=True, LAUNCH_EARLY=True, BLOCK_P=64), dict(num_warps=1)))
     meta, options = tuned("out_proj", "rows", 2560, 5120)
     out.append(("out_proj, 2-16 sequences", "gated_norm_out_proj_rows", dict(parts, **residual),
                 dict(gated, IEEE=False, BLOCK_M=16, **meta), options))
@@ -153,7 +141,7 @@ def main():
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
         shown = {k: v for k, v in constants.items()
-                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "OVERLAP"))}
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -167,7 +155,7 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "OVERLAP") if constants.get(k))
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT") if constants.get(k))
             suffix += "_" + pointers["state_ptr"] if "state_ptr" in pointers else ""
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:

@@ -320,31 +320,10 @@ def _fused_kernels(autotune: bool = True):
                                                pack=1)
                 tl.store(base + 3, sm.to(tl.int64))
 
-    @triton.jit
-    def _count_done(counter_ptr):
-        # this program's stores done: count it (release: a program that sees the count sees the stores)
-        tl.debug_barrier()
-        tl.atomic_add(counter_ptr, 1, sem="release")
-
-    @triton.jit
-    def _wait_for_count(counter_ptr, target):
-        # until counter_ptr holds target (polled without the atomic unit, ~0.25 µs apart so that thousands of
-        # waiting programs do not crowd the counter's L2 slice), then acquire: the counted programs' stores are
-        # visible to all of this program's threads
-        seen = tl.load(counter_ptr + tl.arange(0, 1), volatile=True)
-        while tl.sum(seen, axis=0) < target:
-            seen = tl.inline_asm_elementwise("nanosleep.u32 256; mov.u32 $0, $1;", "=r,r", [seen], dtype=tl.int32,
-                                             is_pure=False, pack=1)
-            seen = tl.load(counter_ptr + tl.arange(0, 1), volatile=True)
-        # (a compare-and-swap that changes nothing: Triton drops an atomic add of 0 whose result is unused)
-        tl.atomic_cas(counter_ptr, target, target, sem="acquire")
-        tl.debug_barrier()
-
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
     globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
-                     _wait_for_previous=_wait_for_previous, _trace=_trace,
-                     _count_done=_count_done, _wait_for_count=_wait_for_count)
+                     _wait_for_previous=_wait_for_previous, _trace=_trace)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -418,13 +397,9 @@ def _fused_kernels(autotune: bool = True):
         x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
         HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_S: tl.constexpr,
-        LAUNCH_EARLY: tl.constexpr = False, OVERLAP: tl.constexpr = False, counter_ptr=None, n_counted=0,
+        LAUNCH_EARLY: tl.constexpr = False,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
-        # OVERLAP (norm_in_proj_conv_rows's): instead of waiting for in_proj to finish, wait until its programs have
-        # all stored x, B, C and dt (counter_ptr[0] == n_counted), store y ungated (gate_rows gates it) and leave,
-        # but for one program, which waits for the gate z too (counter_ptr[1]), so that this kernel's end means
-        # in_proj's
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -444,12 +419,7 @@ def _fused_kernels(autotune: bool = True):
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-        if OVERLAP:
-            if USE_PDL:
-                tl.extra.cuda.gdc_launch_dependents()
-            _wait_for_count(counter_ptr, n_counted)
-        else:
-            _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
         B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
@@ -461,44 +431,13 @@ def _fused_kernels(autotune: bool = True):
         y = tl.sum(state * C[None, :], axis=1)
         if HAS_D:
             y += x * tl.load(D_ptr + head).to(tl.float32)
-        if OVERLAP:
-            tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
-            if (pid_p == 0) & (head == 0) & (batch == 0):
-                _wait_for_count(counter_ptr + 1, n_counted)
-        else:
-            y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
-            z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
-            y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
-            tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
-            # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
-            y *= gated_w
-            tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
-        _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
-
-    @triton.jit
-    def gate_rows(
-        y_ptr, proj_ptr, gated_w_ptr, out_ptr, part_ptr, counter_ptr, stride_y_b, stride_proj_b, stride_out_b,
-        stride_part_b, head_dim, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr, LAUNCH_EARLY: tl.constexpr = False,
-        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
-    ):
-        # OVERLAP's fourth kernel, one head of one sequence per program: the SSM output y gated by silu(z) (z from
-        # in_proj), its sum of squares for the gated norm (one per head), times the norm's weight; and the layer's
-        # counters reset for the next step (the SSM kernel has finished, so in_proj has, and no one waits on them)
-        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-        head, batch = tl.program_id(0), tl.program_id(1)
-        p = tl.arange(0, BLOCK_P)
-        p_mask = p < head_dim
-        channel = head * head_dim + p
-        gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
-        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
-        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-        if (head == 0) & (batch == 0):
-            tl.store(counter_ptr + tl.arange(0, 2), tl.zeros([2], dtype=tl.int32))
-        y = tl.load(y_ptr + batch * stride_y_b + channel, mask=p_mask, other=0.0).to(tl.float32)
-        z = tl.load(proj_ptr + batch * stride_proj_b + channel, mask=p_mask, other=0.0).to(tl.float32)
+        y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
+        z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
         y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
-        tl.store(part_ptr + batch * stride_part_b + head, tl.sum(y * y, axis=0))
-        tl.store(out_ptr + batch * stride_out_b + channel, (y * gated_w).to(out_ptr.dtype.element_ty), mask=p_mask)
+        tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
+        # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
+        y *= gated_w
+        tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
         _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
@@ -549,45 +488,55 @@ def _fused_kernels(autotune: bool = True):
     # ---- a few rows (batch 2-16): the same three steps with the products on tensor cores (tl.dot over a 16-row
     # tile), each weight tile read once for all rows; the SSM kernel above already takes any batch
     @triton.jit
-    def _in_proj_rows(
-        w, res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-        rows, row_mask, first, M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k,
-        stride_cw_c, stride_cw_k, eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-        SILU: tl.constexpr, D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, NORMED: tl.constexpr,
-        BLOCK_SQUARES: tl.constexpr, PACKED_CONV: tl.constexpr,
+    def norm_in_proj_conv_rows(
+        res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
+        M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
+        eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
+        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREFETCH: tl.constexpr = True,
+        LAUNCH_EARLY: tl.constexpr = False,
+        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
+        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
     ):
-        # in_proj's weight rows `rows` for the batch's rows, their conv update where they are xBC channels, stored
-        # (w: the first weight tile, read already, with PREFETCH; `first`: this program stores the residual)
+        # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
+        # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
+        # the weight and that input into the tensor cores; else h = res + prev and its statistics are formed here
+        pid = tl.program_id(0)
         dtype = norm_w_ptr.dtype.element_ty
         m = tl.arange(0, BLOCK_M)
         m_mask = m < M
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
         kk = tl.arange(0, BLOCK_K)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: see _rows_dot
         if PREFETCH:
-            tile = w
+            w = _matvec_tile(w_ptr, rows, kk, row_mask, K, stride_wn)
+        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + kk
             if PREFETCH:
                 w_next = _matvec_tile(w_ptr, rows, cols + BLOCK_K, row_mask, K, stride_wn)
             else:
-                tile = _matvec_tile(w_ptr, rows, cols, row_mask, K, stride_wn)
+                w = _matvec_tile(w_ptr, rows, cols, row_mask, K, stride_wn)
             x_mask = m_mask[:, None] & (cols < K)[None, :]
             if NORMED:
                 x = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0)
-                acc = _rows_dot(x, tile, acc, IEEE)
+                acc = _rows_dot(x, w, acc, IEEE)
             else:
                 h = tl.load(res_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
                 h += tl.load(prev_ptr + m[:, None] * K + cols[None, :], mask=x_mask, other=0.0).to(tl.float32)
                 h = h.to(res_out_ptr.dtype.element_ty)
-                tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & first)
+                tl.store(res_out_ptr + m[:, None] * K + cols[None, :], h, mask=x_mask & (pid == 0))
                 x = h.to(dtype).to(tl.float32)
                 squares += x * x
                 x = tl.load(norm_w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :] * x
-                acc = _rows_dot(x.to(tile.dtype), tile, acc, IEEE)
+                acc = _rows_dot(x.to(w.dtype), w, acc, IEEE)
             if PREFETCH:
-                tile = w_next
+                w = w_next
         acc = tl.trans(acc)
         if NORMED:
             i = tl.arange(0, BLOCK_SQUARES)
@@ -637,61 +586,6 @@ def _fused_kernels(autotune: bool = True):
         val = tl.where(is_conv[None, :], conv, val)
         tl.store(out_ptr + m[:, None] * N + rows[None, :], val.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & row_mask[None, :])
-
-    globals().update(_in_proj_rows=_in_proj_rows)
-
-    @triton.jit
-    def norm_in_proj_conv_rows(
-        res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr,
-        M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k,
-        eps, n_squares, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
-        D_CONV: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREFETCH: tl.constexpr = True,
-        LAUNCH_EARLY: tl.constexpr = False,
-        NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
-        OVERLAP: tl.constexpr = False, counter_ptr=None, ROWS: tl.constexpr = 0,
-        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
-    ):
-        # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
-        # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
-        # the weight and that input into the tensor cores; else h = res + prev and its statistics are formed here.
-        # OVERLAP: program p computes row block p of what the SSM update needs (x, B, C, dt: the rows from
-        # conv_start on), counts it done in counter_ptr[0], then row block p of the gate z (rows before conv_start)
-        # and counts that in counter_ptr[1]: the SSM update, waiting on the first count, reads and writes its
-        # state while the gate's rows stream
-        # (ROWS, with OVERLAP: that many rows of each block per program, at most BLOCK_N, e.g. one program per SM)
-        pid = tl.program_id(0)
-        if OVERLAP:
-            rows_per: tl.constexpr = ROWS if ROWS > 0 else BLOCK_N
-            rows = conv_start + pid * rows_per + tl.arange(0, BLOCK_N)
-            row_mask = (rows < N) & (tl.arange(0, BLOCK_N) < rows_per)
-        else:
-            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            row_mask = rows < N
-        w = 0.0
-        if PREFETCH:
-            w = _matvec_tile(w_ptr, rows, tl.arange(0, BLOCK_K), row_mask, K, stride_wn)
-        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
-        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-        _in_proj_rows(w, res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr, conv_w_ptr,
-                      conv_b_ptr, rows, row_mask, pid == 0, M, N, K, stride_wn, conv_start, conv_dim, stride_cs_b,
-                      stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k, eps, n_squares, HAS_BIAS, HAS_CONV_BIAS,
-                      SILU, D_CONV, BLOCK_C, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH, NORMED, BLOCK_SQUARES,
-                      PACKED_CONV)
-        if OVERLAP:
-            _count_done(counter_ptr)
-            rows = pid * rows_per + tl.arange(0, BLOCK_N)
-            row_mask = (rows < conv_start) & (tl.arange(0, BLOCK_N) < rows_per)
-            if PREFETCH:
-                w = _matvec_tile(w_ptr, rows, tl.arange(0, BLOCK_K), row_mask, K, stride_wn)
-            _in_proj_rows(w, res_ptr, prev_ptr, norm_w_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, conv_state_ptr,
-                          conv_w_ptr, conv_b_ptr, rows, row_mask, False, M, N, K, stride_wn, conv_start, conv_dim,
-                          stride_cs_b, stride_cs_c, stride_cs_k, stride_cw_c, stride_cw_k, eps, n_squares, HAS_BIAS,
-                          HAS_CONV_BIAS, SILU, D_CONV, BLOCK_C, IEEE, BLOCK_M, BLOCK_N, BLOCK_K, PREFETCH, NORMED,
-                          BLOCK_SQUARES, PACKED_CONV)
-            _count_done(counter_ptr + 1)
         _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
@@ -803,7 +697,7 @@ def _fused_kernels(autotune: bool = True):
         ]
         gated_norm_out_proj_rows = triton.autotune(row_split_configs, key=["M", "N", "K"])(gated_norm_out_proj_rows)
     return triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj, norm_in_proj_conv_rows,
-                    gated_norm_out_proj_rows, gate_rows)
+                    gated_norm_out_proj_rows)
 
 
 def fused_kernels():
@@ -858,7 +752,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     if found is None:
         return None
     triton, (norm_in_proj_conv, ssm_step_gate, gated_norm_out_proj, norm_in_proj_conv_rows,
-             gated_norm_out_proj_rows, gate_rows) = found
+             gated_norm_out_proj_rows) = found
     s = _block_shape(language_model)
     fixed = _fixed_configs(block_sizes)
     counters: dict = {}  # device → out_proj's per-row-block counters (zero between calls: each call resets them)
@@ -870,14 +764,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     pdl_in = pdl
     if use_pdl and os.environ.get("MLMAMBA_PDL_IN", "1") == "0":
         pdl_in = dict(USE_PDL=True, LAUNCH_EARLY=early)
-    # MLMAMBA_OVERLAP=1 (2-16 rows, in_proj's configuration fixed or tuned): the SSM update reads and writes its
-    # state while in_proj computes the gate z, and a fourth kernel gates (norm_in_proj_conv_rows's OVERLAP)
-    # (an experiment: "BLOCK_N,BLOCK_K,num_stages" in place of "1" sets in_proj's tile for it)
-    overlap_env = os.environ.get("MLMAMBA_OVERLAP", "0")
-    overlap = overlap_env != "0"
-    overlap_tile = (dict(zip(("BLOCK_N", "BLOCK_K", "num_stages", "ROWS"), map(int, overlap_env.split(","))))
-                    if "," in overlap_env else {})
-    flags: dict = {}  # (device, in_proj weight) → that layer's two counters (zero between steps: gate_rows resets)
     block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
@@ -948,25 +834,13 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
             )
         else:  # 2-16 rows; chained, the normalised input and its sums of squares come in place of residual and out
-            overlapped = overlap and "BLOCK_N" in in_meta
-            if overlapped:
-                in_meta.update(overlap_tile)
-                conv_args.update(overlap_tile)
-                key = (out.device, in_w.data_ptr())
-                if key not in flags:
-                    flags[key] = torch.zeros(2, device=out.device, dtype=torch.int32)
-                counted = triton.cdiv(n_in - s.intermediate, in_meta.get("ROWS") or in_meta["BLOCK_N"])  # programs
-                in_grid = (counted,)
-                conv_args.update(OVERLAP=True, counter_ptr=flags[key])
-            else:
-                in_grid = grid(n_in)
             packed = (conv_w.shape[-1] == 4 and conv_state.dtype == conv_w2.dtype == projected.dtype
                       and conv_state.dtype in (torch.bfloat16, torch.float16) and conv_state.stride()[1:] == (4, 1)
                       and conv_w2.stride() == (4, 1) and conv_state.data_ptr() % 8 == 0
                       and conv_w2.data_ptr() % 8 == 0)
             states = conv_state.view(torch.int64) if packed else conv_state
             taps = conv_w2.view(torch.int64) if packed else conv_w2
-            in_kernel[in_grid](
+            in_kernel[grid(n_in)](
                 out if chained else residual, squares if chained else out, norm_w, res_out, in_w,
                 in_b if in_b is not None else in_w, projected,
                 states, taps, conv_b if conv_b is not None else conv_w2,
@@ -978,27 +852,17 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 **trace_args(out.device),
             )
         gated = out_w.new_empty(batch, s.intermediate)
-        overlapped = batch > 1 and overlap and "BLOCK_N" in in_meta
-        parts_count = s.heads if overlapped else n_parts  # the gated norm's partial sums of squares, per row
-        parts = torch.empty(batch, parts_count, device=out.device, dtype=torch.float32)
-        ungated = projected.new_empty(batch, s.intermediate) if overlapped else gated
+        parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
-            projected, ssm_state, A_log, D, dt_bias, gated_w, ungated, parts,
-            projected.stride(0), *ssm_state.stride(), ungated.stride(0), parts.stride(0),
+            projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
+            projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
             BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
-            **(dict(OVERLAP=True, counter_ptr=conv_args["counter_ptr"], n_counted=counted) if overlapped else {}),
             **(trace_args(out.device) if batch > 1 else {}),
         )
-        if overlapped:
-            gate_rows[(s.heads, batch)](
-                ungated, projected, gated_w, gated, parts, conv_args["counter_ptr"], ungated.stride(0),
-                projected.stride(0), gated.stride(0), parts.stride(0), s.head_dim,
-                BLOCK_P=triton.next_power_of_2(s.head_dim), num_warps=1, **pdl, **trace_args(out.device),
-            )
         n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)
         count = counters.get(out.device)
@@ -1009,7 +873,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         # the split-K partial sums (the autotuned configs split out_proj's columns in up to 4)
         split = torch.empty(out_meta.get("SPLIT_K", 4), batch, n_out, device=out.device, dtype=torch.float32)
         norm_args = dict(HAS_BIAS=out_b is not None, BLOCK_G=triton.next_power_of_2(s.groups),
-                         BLOCK_PARTS=triton.next_power_of_2(parts_count), **pdl, **out_meta)
+                         BLOCK_PARTS=triton.next_power_of_2(n_parts), **pdl, **out_meta)
         if batch == 1:
             out_kernel[grid(n_out)](
                 gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, n_out, k_out,
@@ -1025,7 +889,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         out_kernel[grid(n_out)](
             gated, parts, out_w, out_b if out_b is not None else out_w, new_out, split, count, res_out,
             next_res if chain else res_out, next_norm_w if chain else out_w, next_squares if chain else parts,
-            batch, n_out, k_out, out_w.stride(0), parts_count, parts_count // s.groups, s.group_size, s.gated_eps,
+            batch, n_out, k_out, out_w.stride(0), n_parts, n_parts // s.groups, s.group_size, s.gated_eps,
             IEEE=out_w.dtype == torch.float32, BLOCK_M=FUSED_MAX_ROWS, NEXT=chain, **norm_args,
             **trace_args(out.device),
         )
@@ -1035,7 +899,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
 
     block_step.chains_layers = True
     block_step.trace = trace
-    block_step.overlap, block_step.counters = overlap, flags
     return block_step
 
 
