@@ -309,7 +309,6 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
                 layer.mixer.norm.weight, layer.mixer.out_proj.weight, layer.mixer.out_proj.bias)
                for layer in lm.layers]
     in_w, out_w = lm.layers[0].mixer.in_proj.weight, lm.layers[0].mixer.out_proj.weight
-    capability = torch.cuda.get_device_capability()
 
     def time_step(batch: int, state_dtype: torch.dtype, block_sizes: dict | None, early: bool = False) -> float:
         """ms per replay of the 64 fused layers captured in one graph (None: the production kernels: TUNED_CONFIGS
@@ -360,7 +359,7 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
             best = {}
             for product, weight, candidates in (("in_proj", in_w, ROWS_IN if rows else MATVEC_IN),
                                                 ("out_proj", out_w, ROWS_OUT if rows else MATVEC_OUT)):
-                key = (capability, product, kind, *weight.shape, str(weight.dtype).removeprefix("torch."))
+                key = generation_mlmamba._tuned_key(weight.device, product, kind, weight)
                 best[product] = dict(generation_mlmamba.TUNED_CONFIGS.get(key, candidates[0]))
             for product, candidates in (("in_proj", ROWS_IN if rows else MATVEC_IN),
                                         ("out_proj", ROWS_OUT if rows else MATVEC_OUT)):
@@ -385,7 +384,7 @@ def sweep(model, batches: list[int], state_dtypes: list[str]):
             print("the best of both, next kernel launched after the wait / early: "
                   + " / ".join(f"{time_step(batch, state_dtype, best, early):.3f}" for early in (False, True)))
             for product, weight in (("in_proj", in_w), ("out_proj", out_w)):
-                key = (capability, product, kind, *weight.shape, str(weight.dtype).removeprefix("torch."))
+                key = generation_mlmamba._tuned_key(weight.device, product, kind, weight)
                 tuned.setdefault(key, {})[dtype_name] = best[product]
     print("\n===== TUNED_CONFIGS candidates (per state dtype; the same entry serves both)")
     for key, by_dtype in tuned.items():
