@@ -140,6 +140,74 @@ def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
     return ops
 
 
+# ---- the norms of a prefill: one kernel each instead of ~8 -----------------------------------------------------------
+# transformers' `Mamba2RMSNorm` and `MambaRMSNormGated` are written as torch ops (casts, pow, mean, rsqrt, two
+# products, the gate's silu): ~8 elementwise kernels per norm, each a pass over the activations in float32. Over an
+# 800-token prompt of the released model at batch 8 they are about half of the prefill's GPU time (the gated norm alone
+# ~1.3 ms per layer). mamba_ssm's one-pass Triton RMSNorm (the kernel of mamba_ssm's own `RMSNormGated`, which the
+# original ML-Mamba code runs) computes the same in one pass; `fused_norms` switches the LM's norms to it where it
+# applies. It rounds once, at the end (transformers' modules round the normalised value to the input dtype before the
+# weight multiplies it): equal in float32 up to summation order, within one bf16 rounding step in bf16.
+_NORM_KERNEL: list = []  # [mamba_ssm's rmsnorm_fn or None], resolved on first use
+
+
+def norm_kernel():
+    """mamba_ssm's `rmsnorm_fn` (Triton; gated or plain, grouped), or None where mamba_ssm is not importable."""
+    if not _NORM_KERNEL:
+        try:
+            from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        except Exception:  # not installed, or built for another torch
+            rmsnorm_fn = None
+        _NORM_KERNEL.append(rmsnorm_fn)
+    return _NORM_KERNEL[0]
+
+
+def _fused_norm_forward(module, kernel, device_types):
+    """A `forward` for `module` (a `Mamba2RMSNorm` or `MambaRMSNormGated`) through `kernel` (`rmsnorm_fn`'s signature)
+    where the kernel computes what the module computes (a device of `device_types`, no gradient, the output in the
+    input's dtype, the gate of the input's shape); the module's own forward otherwise."""
+    original = type(module).forward
+    gated = isinstance(module, modeling_mamba2.MambaRMSNormGated)
+
+    def forward(hidden_states, gate=None):
+        weight = module.weight
+        if (
+            hidden_states.device.type in device_types
+            and not (torch.is_grad_enabled() and (hidden_states.requires_grad or weight.requires_grad))
+            and torch.promote_types(weight.dtype, hidden_states.dtype) == hidden_states.dtype
+            and hidden_states.shape[-1] == weight.shape[0]
+            and (gate is None or gate.shape == hidden_states.shape)
+        ):
+            return kernel(hidden_states, weight, None, z=gate, eps=module.variance_epsilon,
+                          group_size=module.group_size if gated else None, norm_before_gate=False)
+        return original(module, hidden_states, gate) if gated else original(module, hidden_states)
+
+    return forward
+
+
+@contextlib.contextmanager
+def fused_norms(language_model, kernel=None, device_types: tuple[str, ...] = ("cuda",)):
+    """Within: the RMSNorms of `language_model` (a transformers `Mamba2Model`: each block's norm, each mixer's gated
+    norm, the final norm) run through `kernel` (default: mamba_ssm's `rmsnorm_fn`, on CUDA tensors; nothing changes
+    without it). Only modules of exactly transformers' classes without a forward of their own (e.g. accelerate's
+    hooks) are switched; their forward is restored on exit. Yields whether any module was switched."""
+    kernel = kernel if kernel is not None else norm_kernel()
+    switched = []
+    if kernel is not None:
+        norms = [language_model.norm_f] + [m for layer in language_model.layers for m in (layer.norm, layer.mixer.norm)]
+        for module in norms:
+            if type(module) in (modeling_mamba2.Mamba2RMSNorm, modeling_mamba2.MambaRMSNormGated) and (
+                "forward" not in module.__dict__
+            ):
+                module.forward = _fused_norm_forward(module, kernel, device_types)
+                switched.append(module)
+    try:
+        yield bool(switched)
+    finally:
+        for module in switched:
+            del module.forward
+
+
 # ---- batch-1 matrix-vector products ------------------------------------------------------------------------------
 # At batch 1 the step is two matrix-vector products per layer (in_proj: 54 MB of weights, out_proj: 26 MB for the
 # released model), and their speed is the step's speed. cuBLAS reaches ~2.46 TB/s on in_proj and splits out_proj
@@ -1296,7 +1364,8 @@ class DecodeGraphRunner:
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
                 mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias, **chain,
             )
-        hidden = lm.norm_f(residual + out).to(model.lm_head.weight.dtype)
+        with fused_norms(lm):  # one kernel where mamba_ssm is installed
+            hidden = lm.norm_f(residual + out).to(model.lm_head.weight.dtype)
         gemv = decode_gemv() if batch_size == 1 and hidden.is_cuda else None
         head = model.lm_head
         logits = gemv(hidden, head.weight, head.bias) if gemv is not None else head(hidden)
@@ -1306,7 +1375,9 @@ class DecodeGraphRunner:
     def _lm_prefill(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor]:
         cache = self.caches[inputs_embeds.shape[0]]
         lm = self.model.model.language_model
-        return (lm(inputs_embeds=inputs_embeds, cache_params=cache, use_cache=True, return_dict=True).last_hidden_state,)
+        with fused_norms(lm):
+            out = lm(inputs_embeds=inputs_embeds, cache_params=cache, use_cache=True, return_dict=True)
+        return (out.last_hidden_state,)
 
     def _prefill_states(self, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
         cache = self.caches[inputs_embeds.shape[0]]

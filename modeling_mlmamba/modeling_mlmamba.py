@@ -19,6 +19,7 @@ transformers' torch reference otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated, causal
 from transformers.utils import ModelOutput
 
 from .configuration_mlmamba import MLMambaConfig
-from .generation_mlmamba import DecodeGraphRunner, reads_plain_weights
+from .generation_mlmamba import DecodeGraphRunner, fused_norms, reads_plain_weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,14 +430,16 @@ class MLMambaModel(MLMambaPreTrainedModel):
                     cache_params=cache_params if use_cache else None,
                     image_hidden_states=image_features,
                 )
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache_params=cache_params,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
+        # the fast path's norms (as in its captured prefill) also where the prompt runs eagerly (first sight)
+        with fused_norms(self.language_model) if runner is not None else contextlib.nullcontext():
+            outputs = self.language_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache_params=cache_params,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
         return MLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             cache_params=outputs.cache_params,

@@ -237,3 +237,72 @@ def test_fast_path_is_skipped_when_a_layer_is_not_the_plain_module():
     assert not reads_plain_weights(peft_model.base_model.model)
     merged = peft_model.merge_and_unload()
     assert reads_plain_weights(merged)
+
+
+def _one_pass_rmsnorm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, calls=None):
+    """What mamba_ssm's `rmsnorm_fn` computes (its Triton kernel, written out): x * silu(z) in float32, each group
+    scaled by its reciprocal RMS, times the weight, rounded once to x's dtype."""
+    assert bias is None and not norm_before_gate
+    if calls is not None:
+        calls.append(x.shape)
+    h = x.float() if z is None else x.float() * torch.nn.functional.silu(z.float())
+    groups = h.unflatten(-1, (-1, group_size or h.shape[-1]))
+    groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + eps)
+    return (groups.flatten(-2) * weight.float()).to(x.dtype)
+
+
+@torch.no_grad()
+def test_fused_norms_route_the_lm_norms_through_the_kernel_and_restore_them():
+    """`fused_norms` (the fast path's prefill and final norm) sends every block norm, gated norm and the final norm
+    through the one-pass kernel: a prefill then gives transformers' logits and SSM states (float32, summation order
+    aside), and afterwards the modules are transformers' own again."""
+    from functools import partial
+
+    from modeling_mlmamba.generation_mlmamba import fused_norms
+
+    model = tiny_model(seed=25, text_config=tiny_text_config(n_groups=2, num_heads=4))
+    lm = model.model.language_model
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    reference = lm(input_ids=ids).last_hidden_state
+    calls = []
+    with fused_norms(lm, partial(_one_pass_rmsnorm, calls=calls), device_types=("cpu",)) as switched:
+        assert switched
+        fused = lm(input_ids=ids).last_hidden_state
+        with torch.enable_grad():  # gradients wanted: the modules' own forward (the kernel has no backward here)
+            lm.norm_f(torch.randn(2, lm.config.hidden_size, requires_grad=True))
+    # per layer its block norm and its gated norm, then the final norm; nothing during the gradient call
+    layers = lm.config.num_hidden_layers
+    assert len(calls) == 2 * layers + 1
+    assert calls.count((2, 9, lm.config.hidden_size)) == layers + 1
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    for module in [lm.norm_f] + [m for layer in lm.layers for m in (layer.norm, layer.mixer.norm)]:
+        assert "forward" not in module.__dict__
+    # other devices than the kernel's, and an output dtype the kernel would not give, keep the modules' forward
+    calls.clear()
+    with fused_norms(lm, partial(_one_pass_rmsnorm, calls=calls)):  # CUDA only, by default
+        lm(input_ids=ids)
+        norm = lm.layers[0].norm
+        norm.weight.data = norm.weight.data.float()
+        with fused_norms(lm, partial(_one_pass_rmsnorm, calls=calls), device_types=("cpu",)):
+            out = norm(torch.randn(2, lm.config.hidden_size, dtype=torch.bfloat16))  # promotes to float32
+    assert calls == [] and out.dtype == torch.float32
+
+
+def test_fused_norms_leave_hooked_and_replaced_modules_alone():
+    """A norm with a forward of its own (accelerate's hooks set one on the instance) or of another class (PEFT,
+    quantisation) is not switched, and its forward is untouched afterwards."""
+    from functools import partial
+
+    from modeling_mlmamba.generation_mlmamba import fused_norms
+
+    model = tiny_model(seed=26)
+    lm = model.model.language_model
+    hooked = lm.layers[0].norm
+    own = hooked.forward
+    hooked.forward = own  # an instance attribute, as accelerate's add_hook_to_module leaves
+    lm.layers[1].norm = torch.nn.LayerNorm(lm.config.hidden_size)
+    with fused_norms(lm, partial(_one_pass_rmsnorm), device_types=("cpu",)):
+        assert hooked.__dict__["forward"] is own
+        assert "forward" not in lm.layers[1].norm.__dict__
+        assert "forward" in lm.layers[0].mixer.norm.__dict__
+    assert hooked.__dict__["forward"] is own and "forward" not in lm.layers[0].mixer.norm.__dict__

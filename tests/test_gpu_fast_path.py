@@ -237,6 +237,46 @@ def test_prefill_replayed_from_a_graph_equals_the_eager_prefill():
         assert torch.equal(greedy(model, inputs, cache_implementation="static"), reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_fused_norms_compute_what_transformers_norms_compute(dtype):
+    """mamba_ssm's one-pass RMSNorm in place of transformers' modules (`fused_norms`: the fast path's prefill and final
+    norm): each norm within one rounding of the output dtype (it rounds once where the modules round twice), and a
+    prefill's hidden states and SSM states as transformers' (float32: to summation order)."""
+    from modeling_mlmamba.generation_mlmamba import fused_norms, norm_kernel
+
+    if norm_kernel() is None:
+        pytest.skip("mamba_ssm is not installed")
+    model = small_gpu_model(dtype)
+    lm = model.model.language_model
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    gated = lm.layers[1].mixer.norm
+    x, z = torch.randn(2, 7, 2, gated.weight.shape[0], device="cuda", generator=generator).to(dtype).unbind(2)
+    gated.weight.data = torch.rand(gated.weight.shape, device="cuda", generator=generator).to(dtype) + 0.5
+    block = lm.layers[1].norm
+    h = torch.randn(2, 7, block.weight.shape[0], device="cuda", generator=generator).to(dtype)
+    final = torch.randn(2, 7, block.weight.shape[0], device="cuda", generator=generator)  # float32, as the residual
+    ids = torch.randint(1, 500, (2, 70), device="cuda", generator=generator)
+    references = [gated(x, z), block(h), lm.norm_f(final)]
+    reference_cache = model._decode_graph_runner().cache_for(2)
+    reference = lm(input_ids=ids, cache_params=reference_cache, use_cache=True).last_hidden_state
+    reference_states = [layer.recurrent_states[0].clone() for layer in reference_cache.layers]
+    with fused_norms(lm) as switched:
+        assert switched
+        outputs = [gated(x, z), block(h), lm.norm_f(final)]
+        cache = model._decode_graph_runner().cache_for(2)
+        fused = lm(input_ids=ids, cache_params=cache, use_cache=True).last_hidden_state
+    for out, ref in zip(outputs, references):
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6 if out.dtype == torch.float32 else 2**-7)
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+        for layer, ref in zip(cache.layers, reference_states):
+            torch.testing.assert_close(layer.recurrent_states[0], ref, atol=1e-5, rtol=1e-5)
+    else:  # bf16 roundings apart, through 4 layers
+        assert (fused.float() - reference.float()).norm() <= 2e-2 * reference.float().norm()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n,k,bias", [(10576, 2560, False), (2560, 5120, False), (1000, 300, True), (37, 1030, True)])
 def test_triton_gemv_matches_a_float64_product(dtype, n, k, bias):
