@@ -242,7 +242,7 @@ def test_prefill_replayed_from_a_graph_equals_the_eager_prefill():
 def test_fused_norms_compute_what_transformers_norms_compute(dtype):
     """mamba_ssm's one-pass RMSNorm in place of transformers' modules (`fused_norms`: the fast path's prefill and final
     norm): each norm within one rounding of the output dtype (it rounds once where the modules round twice), and a
-    prefill's hidden states and SSM states as transformers' (float32: to summation order)."""
+    prefill's hidden states and SSM states as transformers' (to the chunked scan's TF32 or bf16 roundings)."""
     from modeling_mlmamba.generation_mlmamba import fused_norms, norm_kernel
 
     if norm_kernel() is None:
@@ -269,12 +269,16 @@ def test_fused_norms_compute_what_transformers_norms_compute(dtype):
     for out, ref in zip(outputs, references):
         assert out.dtype == ref.dtype
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6 if out.dtype == torch.float32 else 2**-7)
-    if dtype == torch.float32:
-        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
-        for layer, ref in zip(cache.layers, reference_states):
-            torch.testing.assert_close(layer.recurrent_states[0], ref, atol=1e-5, rtol=1e-5)
-    else:  # bf16 roundings apart, through 4 layers
-        assert (fused.float() - reference.float()).norm() <= 2e-2 * reference.float().norm()
+    # mamba_ssm's chunked scan multiplies in TF32 in a float32 model (10-bit mantissas): a rounding-sized change of
+    # its input moves its output by up to ~1e-3, so the prefill is compared in norm (a wrong norm is off by ~1)
+    tolerance = 2e-3 if dtype == torch.float32 else 2e-2
+
+    def relative(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    assert relative(fused, reference) <= tolerance
+    for layer, ref in zip(cache.layers, reference_states):
+        assert relative(layer.recurrent_states[0], ref) <= tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
