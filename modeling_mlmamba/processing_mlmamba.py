@@ -340,7 +340,7 @@ class MLMambaProcessor(ProcessorMixin):
                     f"(system messages skipped) should be {expected!r} but is {m['role']!r}"
                 )
         if turns[-1]["role"] != "assistant":
-            raise ValueError(f"A training conversation must end with an assistant answer; it ends with a user turn")
+            raise ValueError("A training conversation must end with an assistant answer; it ends with a user turn")
 
         image_list = self._conversation_images(messages, images)
 

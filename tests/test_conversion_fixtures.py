@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tests.tiny import TINY_IMAGE_SIZE, TINY_IMAGE_TOKEN_ID, TINY_PATCH, TINY_VOCAB
 

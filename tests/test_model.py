@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from modeling_mlmamba import MLMambaConfig, MLMambaForConditionalGeneration
 from modeling_mlmamba.modeling_mlmamba import ScanConnectorMixer
-from tests.tiny import image_prompt_ids, tiny_config, tiny_model, tiny_text_config
+from tests.tiny import image_prompt_ids, tiny_config, tiny_model
 
 
 # ---------------------------------------------------------------------------------------------------------------

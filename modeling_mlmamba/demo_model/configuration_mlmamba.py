@@ -11,7 +11,6 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
-from transformers.models.mamba.configuration_mamba import MambaConfig
 from transformers.models.mamba2.configuration_mamba2 import Mamba2Config
 
 
