@@ -179,7 +179,8 @@ def _fused_norm_forward(module, kernel, device_types):
             and (gate is None or gate.shape == hidden_states.shape)
         ):
             return kernel(hidden_states, weight, None, z=gate, eps=module.variance_epsilon,
-                          group_size=module.group_size if gated else None, norm_before_gate=False)
+                          group_size=getattr(module, "group_size", None) if gated else None,
+                          norm_before_gate=False)
         return original(module, hidden_states, gate) if gated else original(module, hidden_states)
 
     return forward
