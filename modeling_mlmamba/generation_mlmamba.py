@@ -143,8 +143,8 @@ def register_kernel_ops(conv_kernel, state_kernel, namespace: str = "mlmamba"):
 # ---- the norms of a prefill: one kernel each instead of ~8 -----------------------------------------------------------
 # transformers' `Mamba2RMSNorm` and `MambaRMSNormGated` are written as torch ops (casts, pow, mean, rsqrt, two
 # products, the gate's silu): ~8 elementwise kernels per norm, each a pass over the activations in float32. Over an
-# 800-token prompt of the released model at batch 8 they are about half of the prefill's GPU time (the gated norm alone
-# ~1.3 ms per layer). mamba_ssm's one-pass Triton RMSNorm (the kernel of mamba_ssm's own `RMSNormGated`, which the
+# 800-token prompt of the released model at batch 8, elementwise kernels were ~90 ms of the prefill's 184 ms of GPU
+# time, most of them the norms' (benchmarks/profile_decode.py on an H100). mamba_ssm's one-pass Triton RMSNorm (the kernel of mamba_ssm's own `RMSNormGated`, which the
 # original ML-Mamba code runs) computes the same in one pass; `fused_norms` switches the LM's norms to it where it
 # applies. It rounds once, at the end (transformers' modules round the normalised value to the input dtype before the
 # weight multiplies it): equal in float32 up to summation order, within one bf16 rounding step in bf16.
