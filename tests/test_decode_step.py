@@ -306,3 +306,26 @@ def test_fused_norms_leave_hooked_and_replaced_modules_alone():
         assert "forward" not in lm.layers[1].norm.__dict__
         assert "forward" in lm.layers[0].mixer.norm.__dict__
     assert hooked.__dict__["forward"] is own and "forward" not in lm.layers[0].mixer.norm.__dict__
+
+
+@torch.no_grad()
+def test_prefill_into_the_fast_path_cache_takes_the_fused_norms(monkeypatch):
+    """The model's forward runs the LM under `fused_norms` when the cache is the fast path's (a prompt's first,
+    eager sight: the same norms as its captured prefill), and with transformers' norms otherwise; the logits agree."""
+    from functools import partial
+
+    from modeling_mlmamba import generation_mlmamba, modeling_mlmamba
+
+    calls = []
+    kernel = partial(_one_pass_rmsnorm, calls=calls)
+    monkeypatch.setattr(modeling_mlmamba, "fused_norms",
+                        partial(generation_mlmamba.fused_norms, kernel=kernel, device_types=("cpu",)))
+    model = tiny_model(seed=27)
+    ids = image_prompt_ids(model.config, [5, 6, 7])
+    pv = torch.randn(1, 6, 32, 32, generator=torch.Generator().manual_seed(6))
+    plain = model(input_ids=ids, pixel_values=pv).logits
+    assert calls == []
+    cache = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None).cache_for(1)
+    fast = model(input_ids=ids, pixel_values=pv, cache_params=cache, use_cache=True).logits
+    assert len(calls) == 2 * model.config.text_config.num_hidden_layers + 1
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
