@@ -1130,8 +1130,11 @@ def reads_plain_weights(model) -> bool:
     """Whether the decode step's per-layer functions, which read each layer's weight tensors directly, compute what
     the model's modules compute: true when the LM's projections, convolutions and norms and the LM head are the plain
     torch / transformers modules. False once PEFT wraps a layer with an unmerged adapter (its `.weight` is the base
-    weight), or a quantisation library replaces a Linear: `generate()` then takes transformers' own path."""
+    weight), or a quantisation library replaces a Linear: `generate()` then takes transformers' own path. False for
+    an LM other than transformers' `Mamba2Model` (a Cobra-style Mamba-1 LM): the step is Mamba-2's."""
     lm = model.model.language_model
+    if type(lm) is not modeling_mamba2.Mamba2Model:
+        return False
     plain = [(model.lm_head, torch.nn.Linear), (lm.norm_f, modeling_mamba2.Mamba2RMSNorm)]
     for layer in lm.layers:
         mixer = layer.mixer

@@ -329,3 +329,20 @@ def test_prefill_into_the_fast_path_cache_takes_the_fused_norms(monkeypatch):
     fast = model(input_ids=ids, pixel_values=pv, cache_params=cache, use_cache=True).logits
     assert len(calls) == 2 * model.config.text_config.num_hidden_layers + 1
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_is_for_mamba2_lms_only():
+    """A Cobra-style model (Mamba-1 LM) has no fast-path step: `reads_plain_weights` answers False (instead of
+    failing on the Mamba-1 mixer's missing gated norm), so that `generate()` takes transformers' path on a GPU too;
+    on CPU that path decodes with a static cache request as with the default cache."""
+    from modeling_mlmamba.generation_mlmamba import reads_plain_weights
+
+    mamba1 = dict(model_type="mamba", vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2,
+                  conv_kernel=4, tie_word_embeddings=True, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    model = tiny_model(seed=28, text_config=mamba1, connector_type="mlp")
+    assert not reads_plain_weights(model)
+    ids = image_prompt_ids(model.config, [5, 6, 7])
+    pv = torch.randn(1, 6, 32, 32, generator=torch.Generator().manual_seed(7))
+    outputs = [model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                              cache_implementation=cache) for cache in (None, "static")]
+    assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape[1] == ids.shape[1] + 5
