@@ -300,3 +300,24 @@ def test_triton_gemv_matches_a_float64_product(dtype, n, k, bias):
     assert out.shape == (1, 1, n) and out.dtype == dtype
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.double(), reference, atol=4 * eps * float(reference.abs().max()), rtol=2 * eps)
+
+
+@torch.no_grad()
+def test_cobra_style_model_generates_with_a_static_cache_request():
+    """A Mamba-1 LM (Cobra-style) has no fast path: with `cache_implementation="static"` it decodes through
+    transformers' path, as with the default cache (it used to fail in the fast path's weight check)."""
+    vision = [
+        dict(model_type="dinov2_with_registers", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_register_tokens=4, patch_size=14, image_size=112, mlp_ratio=2),
+        dict(model_type="siglip_vision_model", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=2, patch_size=14, image_size=112),
+    ]
+    text = dict(model_type="mamba", vocab_size=512, hidden_size=128, num_hidden_layers=2, state_size=16, expand=2,
+                conv_kernel=4, tie_word_embeddings=True, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    config = MLMambaConfig(vision_config=vision, text_config=text, image_token_id=511, connector_type="mlp")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MLMambaForConditionalGeneration(config).eval()
+    assert model._decode_graph_runner() is None
+    inputs = prompt(model, 1)
+    assert torch.equal(greedy(model, inputs, cache_implementation="static"), greedy(model, inputs))
