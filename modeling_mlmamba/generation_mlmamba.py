@@ -187,15 +187,18 @@ def _fused_norm_forward(module, kernel, device_types):
 
 
 @contextlib.contextmanager
-def fused_norms(language_model, kernel=None, device_types: tuple[str, ...] = ("cuda",)):
+def fused_norms(language_model, kernel=None, device_types: tuple[str, ...] = ("cuda",), norms=None):
     """Within: the RMSNorms of `language_model` (a transformers `Mamba2Model`: each block's norm, each mixer's gated
-    norm, the final norm) run through `kernel` (default: mamba_ssm's `rmsnorm_fn`, on CUDA tensors; nothing changes
-    without it). Only modules of exactly transformers' classes without a forward of their own (e.g. accelerate's
-    hooks) are switched; their forward is restored on exit. Yields whether any module was switched."""
+    norm, the final norm; or only the modules in `norms`) run through `kernel` (default: mamba_ssm's `rmsnorm_fn`, on
+    CUDA tensors; nothing changes without it). Only modules of exactly transformers' classes without a forward of
+    their own (e.g. accelerate's hooks) are switched; their forward is restored on exit. Yields whether any module
+    was switched."""
     kernel = kernel if kernel is not None else norm_kernel()
     switched = []
     if kernel is not None:
-        norms = [language_model.norm_f] + [m for layer in language_model.layers for m in (layer.norm, layer.mixer.norm)]
+        if norms is None:
+            norms = [language_model.norm_f] + [
+                m for layer in language_model.layers for m in (layer.norm, layer.mixer.norm)]
         for module in norms:
             if type(module) in (modeling_mamba2.Mamba2RMSNorm, modeling_mamba2.MambaRMSNormGated) and (
                 "forward" not in module.__dict__
@@ -1368,7 +1371,7 @@ class DecodeGraphRunner:
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
                 mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias, **chain,
             )
-        with fused_norms(lm):  # one kernel where mamba_ssm is installed
+        with fused_norms(lm, norms=[lm.norm_f]):  # one kernel where mamba_ssm is installed
             hidden = lm.norm_f(residual + out).to(model.lm_head.weight.dtype)
         gemv = decode_gemv() if batch_size == 1 and hidden.is_cuda else None
         head = model.lm_head

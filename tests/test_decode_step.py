@@ -346,3 +346,16 @@ def test_fast_path_is_for_mamba2_lms_only():
     outputs = [model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=5, do_sample=False, eos_token_id=None,
                               cache_implementation=cache) for cache in (None, "static")]
     assert torch.equal(outputs[0], outputs[1]) and outputs[0].shape[1] == ids.shape[1] + 5
+
+
+def test_fused_norms_can_switch_only_the_named_norms():
+    """`norms=[lm.norm_f]` (the decode step's final norm) switches that module alone."""
+    from functools import partial
+
+    from modeling_mlmamba.generation_mlmamba import fused_norms
+
+    lm = tiny_model(seed=29).model.language_model
+    with fused_norms(lm, partial(_one_pass_rmsnorm), device_types=("cpu",), norms=[lm.norm_f]) as switched:
+        assert switched and "forward" in lm.norm_f.__dict__
+        assert not any("forward" in m.__dict__ for layer in lm.layers for m in (layer.norm, layer.mixer.norm))
+    assert "forward" not in lm.norm_f.__dict__
