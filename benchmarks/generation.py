@@ -10,8 +10,11 @@ ML-Mamba runs `generate(..., cache_implementation="static")`: its fast path (gen
 Figures (each model):
   - end to end, batch 1: PIL image → preprocessing → prefill → 256 new tokens (greedy), seconds and new tokens/s
     (after two untimed calls: compilation and capture, then the prompt shape's second sight);
+  - end to end as above for a question of a length not asked before, each time (ML-Mamba: its prefill then replays
+    the chunk ladder's graphs as for any prompt);
   - prefill (towers + connector + 800-token LM prefill), batch 1 and 8, as generate() runs it (ML-Mamba: into its
-    fast path's cache, where a prompt shape seen before replays from CUDA graphs; also its eager first-sight figure);
+    fast path's cache, where the LM's prefill replays the chunk ladder's CUDA graphs; also transformers' eager
+    prefill without the fast path's cache), and for prompt lengths not seen before;
   - decode ms per token at batch 1, 8, 64 (generation time of N new tokens minus that of 1, over N - 1);
   - new tokens/s at batch 8 × 4096 new tokens; peak GPU memory after 256, 1024, 4096 new tokens (batch 8);
   - the floor: bytes a batch-1 decode step must move (LM weights once, plus the SSM state, or the KV cache of a
@@ -307,6 +310,18 @@ def run_model(name: str, args, log) -> dict:
         r["e2e_new_tokens_per_s"] = e2e_tokens / r["e2e_s"]
         r["e2e_new_tokens"] = e2e_tokens
         log(f"[{name}] end to end, {e2e_tokens} tokens: {r['e2e_s']:.3f} s ({r['e2e_new_tokens_per_s']:.0f} tokens/s)")
+        if name == "mlmamba":  # a question of a length not asked before, each time (LLaVA's static cache would be
+            # sized, and its step compiled, anew for each length)
+            def end_to_end_new_length(extra):
+                pv = spec.preprocess([image]).to(device, dtype)
+                ids = spec.input_ids(1, TEXT_TOKENS + extra, device)
+                return generate(model, dict(input_ids=ids, pixel_values=pv), e2e_tokens)
+
+            times = [timed(lambda: end_to_end_new_length(1 + i), device)[0] for i in range(repeats)]
+            r["e2e_new_length_s"] = statistics.median(times)
+            r["e2e_new_length_new_tokens_per_s"] = e2e_tokens / r["e2e_new_length_s"]
+            log(f"[{name}] end to end, a prompt length not seen before: {r['e2e_new_length_s']:.3f} s "
+                f"({r['e2e_new_length_new_tokens_per_s']:.0f} tokens/s)")
 
         # ---- prefill: towers + connector + 800-token LM prefill ----
         text = (64 if tiny else PREFILL_TOKENS) - spec.image_tokens
@@ -315,21 +330,28 @@ def run_model(name: str, args, log) -> dict:
             inputs = inputs_for(batch, max(text, 1))
 
             def prefill(eager=False):
-                # as generate() runs it: ML-Mamba into its fast path's state cache (a prompt shape seen before is
-                # replayed from CUDA graphs); the eager figure with transformers' default cache
+                # as generate() runs it: ML-Mamba into its fast path's state cache (the LM's prefill replayed from
+                # the chunk ladder's CUDA graphs); the eager figure with transformers' default cache
                 cache = dict(cache_params=runner.cache_for(batch)) if runner is not None and not eager else {}
                 return model(**inputs, **cache, use_cache=True, logits_to_keep=1)
 
-            for _ in range(2):  # first sighting (eager), second (captured)
+            for _ in range(2):  # first sighting, second (ML-Mamba without its chunk ladder: captured)
                 prefill()
             times = [timed(prefill, device)[0] for _ in range(repeats)]
             r[f"prefill_b{batch}_ms"] = 1e3 * statistics.median(times)
             r["prefill_tokens"] = inputs["input_ids"].shape[1]
             message = f"[{name}] prefill b{batch} ({r['prefill_tokens']} tokens): {r[f'prefill_b{batch}_ms']:.1f} ms"
+            times = []
+            for extra in range(1, repeats + 1):  # prompt lengths not seen before (the pixel shape was)
+                inputs = inputs_for(batch, max(text, 1) + extra)
+                times.append(timed(prefill, device)[0])
+            r[f"prefill_b{batch}_new_length_ms"] = 1e3 * statistics.median(times)
+            message += f"; a length not seen before: {r[f'prefill_b{batch}_new_length_ms']:.1f} ms"
+            inputs = inputs_for(batch, max(text, 1))
             if runner is not None:
                 times = [timed(lambda: prefill(eager=True), device)[0] for _ in range(repeats)]
                 r[f"prefill_b{batch}_eager_ms"] = 1e3 * statistics.median(times)
-                message += f" (eager, first sight of a prompt shape: {r[f'prefill_b{batch}_eager_ms']:.1f} ms)"
+                message += f" (eager, transformers' cache: {r[f'prefill_b{batch}_eager_ms']:.1f} ms)"
             log(message)
         if name == "mlmamba":
             feats = lambda: model.model.get_image_features(pixel_values)  # noqa: E731
@@ -447,7 +469,10 @@ def table(result: dict) -> str:
         ("end to end, new tokens/s", "e2e_new_tokens_per_s", "{:.0f}"),
         ("prefill b1 (towers + connector + 800-token LM) (ms)", "prefill_b1_ms", "{:.1f}"),
         ("prefill b8 (ms)", "prefill_b8_ms", "{:.1f}"),
-        ("prefill b1, eager (a prompt shape's first sight) (ms)", "prefill_b1_eager_ms", "{:.1f}"),
+        ("prefill b1, a prompt length not seen before (ms)", "prefill_b1_new_length_ms", "{:.1f}"),
+        ("prefill b8, a prompt length not seen before (ms)", "prefill_b8_new_length_ms", "{:.1f}"),
+        ("end to end, a prompt length not seen before, new tokens/s", "e2e_new_length_new_tokens_per_s", "{:.0f}"),
+        ("prefill b1, eager (transformers' cache) (ms)", "prefill_b1_eager_ms", "{:.1f}"),
         ("prefill b8, eager (ms)", "prefill_b8_eager_ms", "{:.1f}"),
         ("decode b1 (ms/token)", "decode_b1_ms_per_token", "{:.2f}"),
         ("decode b8 (ms/token)", "decode_b8_ms_per_token", "{:.2f}"),

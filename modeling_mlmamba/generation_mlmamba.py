@@ -24,8 +24,12 @@ How it plugs into transformers' `generate()` (no loop of our own):
     our model returns a `DecodeGraphRunner` there, which replays the captured graph for single-token steps and
     falls back to the plain forward for anything else.
 Prefill runs through the same kernels as the rest of the model (mamba_ssm's chunked scan and causal_conv1d when
-installed: linear memory in the sequence length). Eagerly it is host-bound, so a prompt shape seen a second time is
-captured and then replayed from CUDA graphs (`ShapeGraphs`: towers + connector, and the LM's prefill into the cache).
+installed: linear memory in the sequence length). Eagerly it is host-bound, so it is replayed from CUDA graphs
+(`ShapeGraphs`): the towers + connector once their pixel shape was seen twice, and the LM's
+prefill from a ladder of chunk graphs: when a batch size's cache is allocated, the LM's prefill is captured for chunks
+of 1, 2, 4, ... `prefill_chunk_limit` tokens, each continuing the cache's states as transformers' Mamba-2 continues a
+cache (chunked prefill), and any prompt is a few of those replays (`prefill_chunks`), its first time included.
+MLMAMBA_PREFILL_CHUNK=0 turns the ladder off: a prompt shape then runs eagerly, and is captured whole once seen twice.
 
 `config.ssm_state_dtype` sets the dtype of the decode state (float32 by default; bfloat16 as the original code).
 
@@ -1195,6 +1199,37 @@ def _capture_into(graph: torch.cuda.CUDAGraph, pool):
             gc.enable()
 
 
+PREFILL_CHUNK = 512  # the longest chunk of the prefill ladder (MLMAMBA_PREFILL_CHUNK)
+PREFILL_CHUNK_TOKENS = 4096  # ... and at most this many tokens (chunk × batch) per chunk
+
+
+def prefill_chunk_limit(batch_size: int) -> int:
+    """The longest chunk of the prefill ladder for `batch_size` sequences (a power of two), or 0 when the ladder is off
+    (MLMAMBA_PREFILL_CHUNK=0). MLMAMBA_PREFILL_CHUNK sets the longest chunk (default 512, rounded down to a power of
+    two); larger batches get shorter chunks so that one chunk holds at most PREFILL_CHUNK_TOKENS tokens."""
+    value = os.environ.get("MLMAMBA_PREFILL_CHUNK", str(PREFILL_CHUNK))
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"MLMAMBA_PREFILL_CHUNK must be a whole number of tokens (0: off), got {value!r}") from None
+    if limit <= 0:
+        return 0
+    limit = min(limit, max(1, PREFILL_CHUNK_TOKENS // max(1, batch_size)))
+    return 1 << (limit.bit_length() - 1)
+
+
+def prefill_chunks(length: int, limit: int) -> list[int]:
+    """`length` tokens as chunk lengths of the prefill ladder (the powers of two up to `limit`, itself one), longest
+    first: as many chunks of `limit` as fit, then the binary digits of the rest (749, limit 512: 512, 128, 64, 32, 8,
+    4, 1)."""
+    if length < 0 or limit < 1 or limit & (limit - 1):
+        raise ValueError(f"prefill_chunks takes a length >= 0 and a power-of-two limit, got {length} and {limit}")
+    chunks = [limit] * (length // limit)
+    rest = length % limit
+    chunks += [1 << bit for bit in reversed(range(rest.bit_length())) if rest >> bit & 1]
+    return chunks
+
+
 class ShapeGraphs:
     """CUDA graphs of one tensor function, one per input shape, for work whose host time exceeds its GPU time.
 
@@ -1207,10 +1242,13 @@ class ShapeGraphs:
     `fn(*inputs)` takes and returns tensors. `mutated(*inputs)` lists the tensors it updates in place (the warm-up
     run's updates are undone); `before(*inputs)` is called before the warm-up and before the capture (to reset
     Python-side bookkeeping that the warm-up changed). Returns None when the shape was not captured: the caller then runs
-    its eager code."""
+    its eager code. `limit=None` keeps every graph; `prepare(*inputs)` captures a shape ahead of its first call.
+    `pool()` gives a memory pool to share with other ShapeGraphs whose graphs never run concurrently with these (each
+    replay's outputs must then be copied out before any other replay)."""
 
-    def __init__(self, fn, mutated=None, before=None, limit: int = 4):
+    def __init__(self, fn, mutated=None, before=None, limit: int | None = 4, pool=None):
         self.fn, self.mutated, self.before, self.limit = fn, mutated, before, limit
+        self.shared_pool = pool  # a callable giving the memory pool to capture into (shared with other ShapeGraphs)
         self.graphs: dict = {}  # key → (graph, static inputs, static outputs), in least-recently-used order
         self.seen: dict = {}
         self.failed: set = set()
@@ -1234,15 +1272,45 @@ class ShapeGraphs:
                                     f"({type(error).__name__}: {error}); running it eagerly")
                 self.failed.add(key)
                 return None
-            while len(self.graphs) >= self.limit:
-                self.graphs.pop(next(iter(self.graphs)))
+            self._keep(key, entry)
         self.graphs[key] = entry  # most recently used last
+        return self._replay(entry, inputs)
+
+    def has(self, *inputs: torch.Tensor) -> bool:
+        """Whether the shape of `inputs` has a graph."""
+        return self.key(inputs) in self.graphs
+
+    def replay(self, *inputs: torch.Tensor, clone: bool = True):
+        """Replays the graph of a shape that has one (see `has`); `clone=False` hands out the graph's own output
+        tensors, which the next replay of that shape overwrites."""
+        return self._replay(self.graphs[self.key(inputs)], inputs, clone)
+
+    def prepare(self, *inputs: torch.Tensor) -> bool:
+        """Captures the shape of `inputs` now if it has no graph (the values do not matter; `mutated` tensors are put
+        back); whether it has one afterwards."""
+        key = self.key(inputs)
+        if key not in self.graphs and key not in self.failed:
+            try:
+                self._keep(key, self._capture(inputs))
+            except Exception as error:
+                logger.warning_once(f"Capturing a CUDA graph for input shapes {key} failed "
+                                    f"({type(error).__name__}: {error}); running it eagerly")
+                self.failed.add(key)
+        return key in self.graphs
+
+    def _keep(self, key, entry) -> None:
+        while self.limit is not None and len(self.graphs) >= self.limit:
+            self.graphs.pop(next(iter(self.graphs)))
+        self.graphs[key] = entry
+
+    @staticmethod
+    def _replay(entry, inputs, clone: bool = True):
         graph, static_inputs, static_outputs = entry
         for static, given in zip(static_inputs, inputs):
             static.copy_(given)
         graph.replay()
         # the outputs' memory is overwritten by the next replay: hand out copies
-        return tuple(out.clone() for out in static_outputs)
+        return tuple(out.clone() for out in static_outputs) if clone else static_outputs
 
     def _capture(self, inputs):
         static_inputs = tuple(t.clone() for t in inputs)
@@ -1259,7 +1327,7 @@ class ShapeGraphs:
             t.copy_(value)
         del saved
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool = self.shared_pool() if self.shared_pool is not None else torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         if self.before is not None:
             self.before(*inputs)
@@ -1304,11 +1372,22 @@ class DecodeGraphRunner:
             chosen = FUSED_MAX_ROWS if tuned else 1
         self.fused_max_batch = min(int(chosen), FUSED_MAX_ROWS)
         # prefill: the LM's prompt pass and the towers + connector, each captured per input shape (see ShapeGraphs)
+        self.prefill_pool = None
         self.prefill_graphs = ShapeGraphs(
-            self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=4
+            self._lm_prefill, mutated=self._prefill_states, before=self._mark_empty, limit=4, pool=self._prefill_pool
         )
         self.image_graphs = ShapeGraphs(lambda pixels: (model.model.get_image_features(pixels),), limit=2)
+        # ... and for prompt lengths not seen before, the ladder of chunk graphs (captured with each batch size's cache)
+        self.chunk_graphs = ShapeGraphs(self._lm_prefill, before=self._mark_continuing, limit=None,
+                                        pool=self._prefill_pool)
+        self.chunk_limits: dict[int, int] = {}  # batch size → the longest chunk its ladder holds (all shorter ones too)
         allow_deferred_stop_checks()
+
+    def _prefill_pool(self):
+        # one memory pool for the LM's prefill graphs (seen shapes and the chunk ladder): they run one at a time
+        if self.prefill_pool is None:
+            self.prefill_pool = torch.cuda.graph_pool_handle()
+        return self.prefill_pool
 
     def set_compile_mode(self, compile_mode: str | None) -> None:
         if compile_mode in self.failed_modes:
@@ -1394,10 +1473,50 @@ class DecodeGraphRunner:
         for layer in self.caches[inputs_embeds.shape[0]].layers:
             layer.has_previous_state[0] = False
 
+    def _mark_continuing(self, inputs_embeds: torch.Tensor) -> None:
+        # a chunk continues the cache's states (zero before the first chunk, which then computes what a prefill does):
+        # transformers' Mamba-2 prepends the conv state and starts the scan from the SSM state
+        for layer in self.caches[inputs_embeds.shape[0]].layers:
+            layer.has_previous_state[0] = True
+
+    def _capture_chunk_ladder(self, batch_size: int) -> None:
+        """Captures the LM's prefill of chunks of 1, 2, 4, ... `prefill_chunk_limit(batch_size)` tokens into the (just
+        allocated, not yet live) cache of `batch_size` rows; the cache is reset afterwards by the caller."""
+        limit = prefill_chunk_limit(batch_size)
+        if not limit or self.model.device.type != "cuda":
+            return
+        lm = self.model.model.language_model
+        embeds = torch.zeros(batch_size, limit, lm.config.hidden_size, device=self.model.device,
+                             dtype=lm.embeddings.weight.dtype)
+        longest = 0
+        with torch.no_grad():
+            for bit in range(limit.bit_length()):
+                if not self.chunk_graphs.prepare(embeds[:, : 1 << bit]):
+                    break
+                longest = 1 << bit
+        if longest:
+            self.chunk_limits[batch_size] = longest
+
+    def _chunked_prefill(self, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+        """The LM's prefill as replays of the chunk ladder's graphs, each continuing the cache (None: no ladder)."""
+        limit = self.chunk_limits.get(inputs_embeds.shape[0], 0)
+        if not limit:
+            return None
+        hidden, start = None, 0
+        for size in prefill_chunks(inputs_embeds.shape[1], limit):
+            (out,) = self.chunk_graphs.replay(inputs_embeds[:, start:start + size], clone=False)
+            if hidden is None:
+                hidden = out.new_empty(out.shape[0], inputs_embeds.shape[1], *out.shape[2:])
+            # copied out at once: the graphs share their memory pool, so the next replay may overwrite this output
+            hidden[:, start:start + size].copy_(out)
+            start += size
+        return hidden
+
     def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache) -> torch.Tensor | None:
-        """The LM's prefill into one of this runner's empty caches, replayed from a CUDA graph when this prompt shape
-        was seen before; the LM's last hidden state, or None when the caller should run it eagerly (first sight of
-        the shape, padding in the mask, gradients on)."""
+        """The LM's prefill into one of this runner's empty caches, replayed from the chunk ladder's CUDA graphs (or,
+        without a ladder, from a graph of this prompt shape when it was seen before); the LM's last hidden state, or
+        None when the caller should run it eagerly (no ladder and a shape's first sight, padding in the mask,
+        gradients on)."""
         if (
             torch.is_grad_enabled()
             or inputs_embeds.device.type != "cuda"
@@ -1407,12 +1526,17 @@ class DecodeGraphRunner:
             or (attention_mask is not None and not bool(attention_mask.all()))
         ):
             return None
-        out = self.prefill_graphs(inputs_embeds)
-        if out is None:
-            return None
+        # with a chunk ladder every prompt takes it (a prompt is prefilled the same way whatever came before it);
+        # without one (MLMAMBA_PREFILL_CHUNK=0, or its capture failed) a prompt shape seen twice gets its own graph
+        hidden = self._chunked_prefill(inputs_embeds)
+        if hidden is None:
+            out = self.prefill_graphs(inputs_embeds)
+            if out is None:
+                return None
+            hidden = out[0]
         for layer in cache.layers:  # what the eager prefill leaves in the cache's bookkeeping
             layer.has_previous_state[0] = True
-        return out[0]
+        return hidden
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """Towers + connector for a prefill, replayed from a CUDA graph when this pixel shape was seen before; None
@@ -1432,6 +1556,10 @@ class DecodeGraphRunner:
             self.pool = None
         # prefill graphs write into the states of the cache they were captured with
         self.prefill_graphs.drop(lambda key: key[0][0][0] not in self.caches)
+        self.chunk_graphs.drop(lambda key: key[0][0][0] not in self.caches)
+        self.chunk_limits = {b: limit for b, limit in self.chunk_limits.items() if b in self.caches}
+        if not self.prefill_graphs.graphs and not self.chunk_graphs.graphs:
+            self.prefill_pool = None
 
     # ---- the cache --------------------------------------------------------------------------------------------
     @property
@@ -1448,6 +1576,7 @@ class DecodeGraphRunner:
         if cache is None:
             cache = self._allocate(batch_size)
             self.caches[batch_size] = cache
+            self._capture_chunk_ladder(batch_size)  # runs the LM on the new cache's states: reset below
         cache.reset()  # zeroes the states in place and marks them empty: the next forward is a prefill
         return cache
 

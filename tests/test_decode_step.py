@@ -359,3 +359,123 @@ def test_fused_norms_can_switch_only_the_named_norms():
         assert switched and "forward" in lm.norm_f.__dict__
         assert not any("forward" in m.__dict__ for layer in lm.layers for m in (layer.norm, layer.mixer.norm))
     assert "forward" not in lm.norm_f.__dict__
+
+
+def test_prefill_chunks_split_a_prompt_into_the_ladder_lengths():
+    """Written out: as many chunks of the limit as fit, then the binary digits of the rest, longest first."""
+    from modeling_mlmamba.generation_mlmamba import prefill_chunks
+
+    assert prefill_chunks(749, 512) == [512, 128, 64, 32, 8, 4, 1]
+    assert prefill_chunks(1100, 512) == [512, 512, 64, 8, 4]
+    assert prefill_chunks(21, 8) == [8, 8, 4, 1]
+    assert prefill_chunks(5, 1) == [1, 1, 1, 1, 1]
+    assert prefill_chunks(64, 64) == [64] and prefill_chunks(0, 64) == []
+    for limit in (1, 2, 8, 64):
+        for length in range(200):
+            chunks = prefill_chunks(length, limit)
+            assert sum(chunks) == length and chunks == sorted(chunks, reverse=True)
+            assert all(c <= limit and c & (c - 1) == 0 for c in chunks)
+            assert len([c for c in chunks if c < limit]) == len(set(c for c in chunks if c < limit))  # one of each
+    for length, limit in ((-1, 8), (10, 0), (10, 6)):
+        with pytest.raises(ValueError, match="power-of-two limit"):
+            prefill_chunks(length, limit)
+
+
+def test_prefill_chunk_limit_follows_the_environment_and_the_batch_size(monkeypatch):
+    from modeling_mlmamba.generation_mlmamba import PREFILL_CHUNK_TOKENS, prefill_chunk_limit
+
+    monkeypatch.delenv("MLMAMBA_PREFILL_CHUNK", raising=False)
+    assert PREFILL_CHUNK_TOKENS == 4096
+    assert [prefill_chunk_limit(b) for b in (1, 8, 16, 64, 3, 5000)] == [512, 512, 256, 64, 512, 1]
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "300")  # rounded down to a power of two
+    assert prefill_chunk_limit(1) == 256
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "0")
+    assert prefill_chunk_limit(1) == 0
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "big")
+    with pytest.raises(ValueError, match="MLMAMBA_PREFILL_CHUNK must be a whole number of tokens.*'big'"):
+        prefill_chunk_limit(1)
+
+
+@torch.no_grad()
+def test_shape_graphs_prepare_captures_ahead_and_replays_without_copies():
+    """`prepare` captures a shape before its first call (once; a failed capture is remembered), `has` tells, `replay`
+    with clone=False hands out the static outputs themselves; `limit=None` keeps every shape."""
+    from modeling_mlmamba.generation_mlmamba import ShapeGraphs
+
+    captured = []
+
+    class Replay:
+        def __init__(self, fn, static_inputs, static_outputs):
+            self.fn, self.static_inputs, self.static_outputs = fn, static_inputs, static_outputs
+
+        def replay(self):
+            for out, value in zip(self.static_outputs, self.fn(*self.static_inputs)):
+                out.copy_(value)
+
+    class Fake(ShapeGraphs):
+        def _capture(self, inputs):
+            if inputs[0].shape[0] == 3:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            static_inputs = tuple(t.clone() for t in inputs)
+            static_outputs = tuple(self.fn(*static_inputs))
+            captured.append(tuple(inputs[0].shape))
+            return Replay(self.fn, static_inputs, static_outputs), static_inputs, static_outputs
+
+    graphs = Fake(lambda x: (x + 1,), limit=None)
+    shapes = [torch.zeros(n, 2) for n in (1, 2, 4, 5, 6)]
+    assert all(graphs.prepare(x) for x in shapes) and captured == [(1, 2), (2, 2), (4, 2), (5, 2), (6, 2)]
+    assert graphs.prepare(shapes[0]) and len(captured) == 5  # already there: not captured again
+    assert not graphs.prepare(torch.zeros(3, 2)) and not graphs.prepare(torch.zeros(3, 2))
+    assert graphs.failed == {ShapeGraphs.key((torch.zeros(3, 2),))} and not graphs.has(torch.zeros(3, 2))
+    assert graphs.has(torch.ones(2, 2)) and len(graphs.graphs) == 5
+    (out,) = graphs.replay(torch.full((2, 2), 4.0), clone=False)
+    assert torch.equal(out, torch.full((2, 2), 5.0)) and out is graphs.graphs[ShapeGraphs.key((out,))][2][0]
+    (copy,) = graphs.replay(torch.full((2, 2), 7.0))
+    assert torch.equal(copy, torch.full((2, 2), 8.0)) and copy is not out and torch.equal(out, copy)
+
+
+@torch.no_grad()
+def test_chunked_prefill_continues_the_cache_like_a_whole_prefill():
+    """The fast path's prefill from the chunk ladder (the graphs replaced by eager runs of the same function, whose
+    outputs every later replay overwrites, as graphs sharing a memory pool may): hidden states and the states left in
+    the cache equal transformers' prefill of the whole prompt on a fresh cache. 21 tokens, ladder up to 8: chunks of
+    8, 8, 4 and 1 (the last through transformers' single-token path)."""
+    from transformers import DynamicCache
+
+    model = tiny_model(seed=29)
+    lm = model.model.language_model
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)
+    cache = runner.cache_for(2)
+    assert runner.chunk_limits == {} and not runner.chunk_graphs.graphs  # no ladder without CUDA
+
+    buffers = {}
+
+    class EagerLadder:  # stands for the captured ladder
+        calls = []
+
+        def replay(self, embeds, clone=True):
+            assert clone is False
+            runner._mark_continuing(embeds)
+            (hidden,) = runner._lm_prefill(embeds)
+            for other in buffers.values():  # the shared pool: another graph's output memory is overwritten
+                other.fill_(float("nan"))
+            out = buffers.setdefault(embeds.shape[1], torch.empty_like(hidden))
+            out.copy_(hidden)
+            self.calls.append(embeds.shape[1])
+            return (out,)
+
+    runner.chunk_graphs = EagerLadder()
+    runner.chunk_limits[2] = 8
+    embeds = torch.randn(2, 21, lm.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    hidden = runner._chunked_prefill(embeds)
+    assert EagerLadder.calls == [8, 8, 4, 1]
+
+    reference_cache = DynamicCache(config=lm.config)
+    reference = lm(inputs_embeds=embeds, cache_params=reference_cache, use_cache=True).last_hidden_state
+    torch.testing.assert_close(hidden, reference, atol=1e-5, rtol=1e-5)
+    for index, mine in enumerate(cache.layers):
+        torch.testing.assert_close(mine.conv_states[0], reference_cache.layers[index].conv_states[0],
+                                   atol=1e-6, rtol=1e-5, msg=f"conv state, layer {index}")
+        torch.testing.assert_close(mine.recurrent_states[0], reference_cache.layers[index].recurrent_states[0],
+                                   atol=1e-6, rtol=1e-5, msg=f"SSM state, layer {index}")
+    assert runner._chunked_prefill(torch.zeros(1, 4, lm.config.hidden_size)) is None  # no ladder for batch 1

@@ -211,9 +211,11 @@ def test_bfloat16_state_fast_path_steps_like_a_float32_state_rounded_to_bfloat16
 
 
 @torch.no_grad()
-def test_prefill_replayed_from_a_graph_equals_the_eager_prefill():
-    """A prompt shape seen twice is prefilled from CUDA graphs (towers + connector, then the LM into the cache):
-    the logits and the states it leaves equal the eager prefill's (the first sighting), for a batch of 2."""
+def test_prefill_replayed_from_a_graph_equals_the_eager_prefill(monkeypatch):
+    """Without the chunk ladder (MLMAMBA_PREFILL_CHUNK=0) a prompt shape seen twice is prefilled from CUDA graphs
+    (towers + connector, then the LM into the cache): the logits and the states it leaves equal the eager prefill's
+    (the first sighting), for a batch of 2."""
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "0")
     model = small_gpu_model()
     inputs = prompt(model, 2)
     runner = model._decode_graph_runner()
@@ -225,6 +227,7 @@ def test_prefill_replayed_from_a_graph_equals_the_eager_prefill():
         assert all(layer.has_previous_state[0] for layer in cache.layers)
         results.append((logits, states))
     assert len(runner.prefill_graphs.graphs) == 1 and len(runner.image_graphs.graphs) == 1
+    assert not runner.chunk_graphs.graphs and not runner.chunk_limits
     eager_logits, eager_states = results[0]
     for logits, states in results[1:]:
         torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
@@ -235,6 +238,41 @@ def test_prefill_replayed_from_a_graph_equals_the_eager_prefill():
     reference = greedy(model, inputs)
     for _ in range(2):
         assert torch.equal(greedy(model, inputs, cache_implementation="static"), reference)
+
+
+def _relative_error(mine: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((mine.float() - reference.float()).norm() / reference.float().norm())
+
+
+@torch.no_grad()
+def test_prefill_from_the_chunk_ladder_equals_the_plain_prefill():
+    """With a batch size's cache the fast path captures the LM's prefill for chunks of 1, 2, ... 512 tokens (2 rows);
+    prompts of lengths never seen before are prefilled as replays of those chunks, each continuing the cache. The
+    logits and the states left in the cache agree with transformers' prefill of the whole prompt (plain path, fresh
+    cache) to the chunked scan's TF32 products (mamba_ssm multiplies float32 in TF32: measured ~1e-3 elementwise), no
+    prompt shape gets a graph of its own, and greedy decoding after it equals the plain path's."""
+    model = small_gpu_model()
+    runner = model._decode_graph_runner()
+    runner.cache_for(2)
+    assert runner.chunk_limits == {2: 512}
+    assert sorted(key[0][0][1] for key in runner.chunk_graphs.graphs) == [1 << b for b in range(10)]
+    config = model.config
+    generator = torch.Generator().manual_seed(11)
+    pixel_values = torch.randn(2, 6, config.image_size, config.image_size, generator=generator).cuda()
+    for text_tokens in (12, 45, 12, 200):  # 76, 109, 76 and 264 tokens: 64 + 8 + 4, 64 + 32 + 8 + 4 + 1, ...
+        text = torch.randint(1, 500, (2, text_tokens), generator=generator)
+        image = torch.full((2, config.num_image_tokens), config.image_token_id)
+        inputs = dict(input_ids=torch.cat([image, text], dim=1).cuda(), pixel_values=pixel_values)
+        cache = runner.cache_for(2)
+        logits = model(**inputs, cache_params=cache, use_cache=True).logits
+        assert all(layer.has_previous_state[0] for layer in cache.layers)
+        plain = model(**inputs, use_cache=True)
+        assert _relative_error(logits, plain.logits) < 2e-3
+        for index, (mine, theirs) in enumerate(zip(cache.layers, plain.cache_params.layers)):
+            assert _relative_error(mine.conv_states[0], theirs.conv_states[0]) < 2e-3, f"conv state, layer {index}"
+            assert _relative_error(mine.recurrent_states[0], theirs.recurrent_states[0]) < 2e-3, f"layer {index}"
+        assert torch.equal(greedy(model, inputs, cache_implementation="static"), greedy(model, inputs))
+    assert not runner.prefill_graphs.graphs  # every prompt took the ladder
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
