@@ -33,6 +33,11 @@
                    compiled layer, causal_conv1d's kernel or inductor's code for the conv update, inductor's default
                    or max-autotune mode.
 
+  --part ladder    the LM prefill's chunk ladder at each of --batches: the time to capture it, each chunk graph's
+                   GPU time per replay, a --tokens prompt through the ladder against its own whole-prompt graph,
+                   and the kernels (by GPU time, run eagerly under the profiler) of a whole 512-token prefill
+                   against a 512-token chunk continuing the cache.
+
   python benchmarks/experiments.py --part prefill,decode [--tokens 800] [--batches 1,8,64]
 """
 
@@ -733,6 +738,65 @@ def _timeline(model, batches: list[int], state_dtypes: list[str]):
                   f" µs from in_proj's first ready to the next in_proj's)")
 
 
+def ladder(model, batches: list[int], tokens: int):
+    """--part ladder (see the module's docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from modeling_mlmamba.generation_mlmamba import ShapeGraphs, prefill_chunks
+    from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
+
+    lm = model.model.language_model
+    for batch in batches:
+        runner = generation_mlmamba.DecodeGraphRunner(model, MLMambaCausalLMOutput)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        runner.cache_for(batch)
+        torch.cuda.synchronize()
+        limit = runner.chunk_limits.get(batch, 0)
+        print(f"\n===== prefill chunk ladder, batch {batch}: up to {limit} tokens, captured in "
+              f"{time.perf_counter() - start:.1f} s ({len(runner.chunk_graphs.graphs)} graphs)")
+        embeds = torch.randn(batch, tokens, lm.config.hidden_size, device="cuda", dtype=lm.embeddings.weight.dtype)
+
+        def events_ms(fn, n: int = 10) -> float:
+            fn()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return begin.elapsed_time(end) / n
+
+        print("| chunk (tokens) | ms per replay |\n|---:|---:|")
+        for bit in range(limit.bit_length()):
+            size = 1 << bit
+            chunk = embeds[:, :size]
+            print(f"| {size} | {events_ms(lambda: runner.chunk_graphs.replay(chunk, clone=False)):.2f} |", flush=True)
+        whole = ShapeGraphs(runner._lm_prefill, mutated=runner._prefill_states, before=runner._mark_empty)
+        whole.prepare(embeds)
+        print(f"{tokens} tokens: whole-prompt graph {events_ms(lambda: whole.replay(embeds, clone=False)):.2f} ms; "
+              f"ladder ({'+'.join(map(str, prefill_chunks(tokens, limit)))}) "
+              f"{events_ms(lambda: runner._chunked_prefill(embeds)):.2f} ms")
+        size = min(512, limit)
+        for name, before in (("whole prompt", runner._mark_empty), ("a chunk continuing the cache", runner._mark_continuing)):
+            chunk = embeds[:, :size]
+            before(chunk)
+            runner._lm_prefill(chunk)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                before(chunk)
+                runner._lm_prefill(chunk)
+                torch.cuda.synchronize()
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:14]
+            total = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+            print(f"\n{size} tokens, batch {batch}, {name}, eager: {total:.2f} ms of kernels")
+            print("| kernel | calls | ms |\n|---|---:|---:|")
+            for e in events:
+                print(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} |")
+        runner = whole = None  # noqa: F841 (frees the ladder before the next batch size)
+        torch.cuda.empty_cache()
+
+
 def main():
     args = parse_args()
     torch._dynamo.config.cache_size_limit = 64
@@ -757,6 +821,8 @@ def main():
         rows_products(model, [int(b) for b in args.batches.split(",") if int(b) > 1])
     if "timeline" in parts:
         timeline(model, [int(b) for b in args.batches.split(",")], args.state_dtypes.split(","), _env_sets(args.env))
+    if "ladder" in parts:
+        ladder(model, [int(b) for b in args.batches.split(",")], args.tokens)
     if "decode" in parts:
         decode_variants(model, [int(b) for b in args.batches.split(",")], args.variants.split(","),
                         _env_sets(args.env))
