@@ -745,6 +745,9 @@ def ladder(model, batches: list[int], tokens: int):
     from modeling_mlmamba.generation_mlmamba import ShapeGraphs, prefill_chunks
     from modeling_mlmamba.modeling_mlmamba import MLMambaCausalLMOutput
 
+    import gc
+
+    os.environ.setdefault("MLMAMBA_PREFILL_CHUNK", "512")  # the ladder is off by default
     lm = model.model.language_model
     for batch in batches:
         runner = generation_mlmamba.DecodeGraphRunner(model, MLMambaCausalLMOutput)
@@ -773,8 +776,8 @@ def ladder(model, batches: list[int], tokens: int):
             chunk = embeds[:, :size]
             print(f"| {size} | {events_ms(lambda: runner.chunk_graphs.replay(chunk, clone=False)):.2f} |", flush=True)
         whole = ShapeGraphs(runner._lm_prefill, mutated=runner._prefill_states, before=runner._mark_empty)
-        whole.prepare(embeds)
-        print(f"{tokens} tokens: whole-prompt graph {events_ms(lambda: whole.replay(embeds, clone=False)):.2f} ms; "
+        whole_ms = events_ms(lambda: whole.replay(embeds, clone=False)) if whole.prepare(embeds) else float("nan")
+        print(f"{tokens} tokens: whole-prompt graph {whole_ms:.2f} ms; "
               f"ladder ({'+'.join(map(str, prefill_chunks(tokens, limit)))}) "
               f"{events_ms(lambda: runner._chunked_prefill(embeds)):.2f} ms")
         size = min(512, limit)
@@ -793,7 +796,8 @@ def ladder(model, batches: list[int], tokens: int):
             print("| kernel | calls | ms |\n|---|---:|---:|")
             for e in events:
                 print(f"| {e.key[:90]} | {e.count} | {e.self_device_time_total / 1e3:.2f} |")
-        runner = whole = None  # noqa: F841 (frees the ladder before the next batch size)
+        runner = whole = None  # noqa: F841 (frees the ladder before the next batch size: the graphs and the
+        gc.collect()  # runner refer to each other)
         torch.cuda.empty_cache()
 
 

@@ -10,11 +10,11 @@ ML-Mamba runs `generate(..., cache_implementation="static")`: its fast path (gen
 Figures (each model):
   - end to end, batch 1: PIL image → preprocessing → prefill → 256 new tokens (greedy), seconds and new tokens/s
     (after two untimed calls: compilation and capture, then the prompt shape's second sight);
-  - end to end as above for a question of a length not asked before, each time (ML-Mamba: its prefill then replays
-    the chunk ladder's graphs as for any prompt);
+  - end to end as above for a question of a length not asked before, each time (ML-Mamba: its prefill runs eagerly
+    then, or, with MLMAMBA_PREFILL_CHUNK=512, replays the chunk ladder's graphs);
   - prefill (towers + connector + 800-token LM prefill), batch 1 and 8, as generate() runs it (ML-Mamba: into its
-    fast path's cache, where the LM's prefill replays the chunk ladder's CUDA graphs; also transformers' eager
-    prefill without the fast path's cache), and for prompt lengths not seen before;
+    fast path's cache, where a prompt shape seen before replays from CUDA graphs; also transformers' eager prefill
+    without the fast path's cache), and for prompt lengths not seen before;
   - decode ms per token at batch 1, 8, 64 (generation time of N new tokens minus that of 1, over N - 1);
   - new tokens/s at batch 8 × 4096 new tokens; peak GPU memory after 256, 1024, 4096 new tokens (batch 8);
   - the floor: bytes a batch-1 decode step must move (LM weights once, plus the SSM state, or the KV cache of a
@@ -330,12 +330,12 @@ def run_model(name: str, args, log) -> dict:
             inputs = inputs_for(batch, max(text, 1))
 
             def prefill(eager=False):
-                # as generate() runs it: ML-Mamba into its fast path's state cache (the LM's prefill replayed from
-                # the chunk ladder's CUDA graphs); the eager figure with transformers' default cache
+                # as generate() runs it: ML-Mamba into its fast path's state cache (a prompt shape seen before is
+                # replayed from CUDA graphs); the eager figure with transformers' default cache
                 cache = dict(cache_params=runner.cache_for(batch)) if runner is not None and not eager else {}
                 return model(**inputs, **cache, use_cache=True, logits_to_keep=1)
 
-            for _ in range(2):  # first sighting, second (ML-Mamba without its chunk ladder: captured)
+            for _ in range(2):  # first sighting (eager), second (captured; with ML-Mamba's chunk ladder: chunks)
                 prefill()
             times = [timed(prefill, device)[0] for _ in range(repeats)]
             r[f"prefill_b{batch}_ms"] = 1e3 * statistics.median(times)

@@ -385,6 +385,8 @@ def test_prefill_chunk_limit_follows_the_environment_and_the_batch_size(monkeypa
     from modeling_mlmamba.generation_mlmamba import PREFILL_CHUNK_TOKENS, prefill_chunk_limit
 
     monkeypatch.delenv("MLMAMBA_PREFILL_CHUNK", raising=False)
+    assert prefill_chunk_limit(1) == 0  # off by default
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "512")
     assert PREFILL_CHUNK_TOKENS == 4096
     assert [prefill_chunk_limit(b) for b in (1, 8, 16, 64, 3, 5000)] == [512, 512, 256, 64, 512, 1]
     monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "300")  # rounded down to a power of two
@@ -435,13 +437,14 @@ def test_shape_graphs_prepare_captures_ahead_and_replays_without_copies():
 
 
 @torch.no_grad()
-def test_chunked_prefill_continues_the_cache_like_a_whole_prefill():
+def test_chunked_prefill_continues_the_cache_like_a_whole_prefill(monkeypatch):
     """The fast path's prefill from the chunk ladder (the graphs replaced by eager runs of the same function, whose
     outputs every later replay overwrites, as graphs sharing a memory pool may): hidden states and the states left in
     the cache equal transformers' prefill of the whole prompt on a fresh cache. 21 tokens, ladder up to 8: chunks of
     8, 8, 4 and 1 (the last through transformers' single-token path)."""
     from transformers import DynamicCache
 
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "8")  # on; the ladder is not captured without CUDA all the same
     model = tiny_model(seed=29)
     lm = model.model.language_model
     runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)

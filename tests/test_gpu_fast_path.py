@@ -212,7 +212,7 @@ def test_bfloat16_state_fast_path_steps_like_a_float32_state_rounded_to_bfloat16
 
 @torch.no_grad()
 def test_prefill_replayed_from_a_graph_equals_the_eager_prefill(monkeypatch):
-    """Without the chunk ladder (MLMAMBA_PREFILL_CHUNK=0) a prompt shape seen twice is prefilled from CUDA graphs
+    """Without the chunk ladder (the default; MLMAMBA_PREFILL_CHUNK=0 here) a prompt shape seen twice is prefilled from CUDA graphs
     (towers + connector, then the LM into the cache): the logits and the states it leaves equal the eager prefill's
     (the first sighting), for a batch of 2."""
     monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "0")
@@ -245,12 +245,13 @@ def _relative_error(mine: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def test_prefill_from_the_chunk_ladder_equals_the_plain_prefill():
-    """With a batch size's cache the fast path captures the LM's prefill for chunks of 1, 2, ... 512 tokens (2 rows);
+def test_prefill_from_the_chunk_ladder_equals_the_plain_prefill(monkeypatch):
+    """With MLMAMBA_PREFILL_CHUNK=512, with a batch size's cache the fast path captures the LM's prefill for chunks of 1, 2, ... 512 tokens (2 rows);
     prompts of lengths never seen before are prefilled as replays of those chunks, each continuing the cache. The
     logits and the states left in the cache agree with transformers' prefill of the whole prompt (plain path, fresh
     cache) to the chunked scan's TF32 products (mamba_ssm multiplies float32 in TF32: measured ~1e-3 elementwise), no
     prompt shape gets a graph of its own, and greedy decoding after it equals the plain path's."""
+    monkeypatch.setenv("MLMAMBA_PREFILL_CHUNK", "512")
     model = small_gpu_model()
     runner = model._decode_graph_runner()
     runner.cache_for(2)

@@ -25,11 +25,11 @@ How it plugs into transformers' `generate()` (no loop of our own):
     falls back to the plain forward for anything else.
 Prefill runs through the same kernels as the rest of the model (mamba_ssm's chunked scan and causal_conv1d when
 installed: linear memory in the sequence length). Eagerly it is host-bound, so it is replayed from CUDA graphs
-(`ShapeGraphs`): the towers + connector once their pixel shape was seen twice, and the LM's
-prefill from a ladder of chunk graphs: when a batch size's cache is allocated, the LM's prefill is captured for chunks
-of 1, 2, 4, ... `prefill_chunk_limit` tokens, each continuing the cache's states as transformers' Mamba-2 continues a
-cache (chunked prefill), and any prompt is a few of those replays (`prefill_chunks`), its first time included.
-MLMAMBA_PREFILL_CHUNK=0 turns the ladder off: a prompt shape then runs eagerly, and is captured whole once seen twice.
+(`ShapeGraphs`): the towers + connector, and the LM's prefill into the cache, once their input shape was seen twice
+(its first sight runs eagerly). With MLMAMBA_PREFILL_CHUNK=512 (off by default: see `prefill_chunk_limit`), the LM's
+prefill is instead captured, when a batch size's cache is allocated, for chunks of 1, 2, 4, ... 512 tokens, each
+continuing the cache's states as transformers' Mamba-2 continues a cache (chunked prefill), and every prompt, its
+first time included, is a few of those replays (`prefill_chunks`).
 
 `config.ssm_state_dtype` sets the dtype of the decode state (float32 by default; bfloat16 as the original code).
 
@@ -1199,15 +1199,18 @@ def _capture_into(graph: torch.cuda.CUDAGraph, pool):
             gc.enable()
 
 
-PREFILL_CHUNK = 512  # the longest chunk of the prefill ladder (MLMAMBA_PREFILL_CHUNK)
-PREFILL_CHUNK_TOKENS = 4096  # ... and at most this many tokens (chunk × batch) per chunk
+PREFILL_CHUNK_TOKENS = 4096  # the prefill ladder's chunks hold at most this many tokens (chunk × batch)
 
 
 def prefill_chunk_limit(batch_size: int) -> int:
     """The longest chunk of the prefill ladder for `batch_size` sequences (a power of two), or 0 when the ladder is off
-    (MLMAMBA_PREFILL_CHUNK=0). MLMAMBA_PREFILL_CHUNK sets the longest chunk (default 512, rounded down to a power of
-    two); larger batches get shorter chunks so that one chunk holds at most PREFILL_CHUNK_TOKENS tokens."""
-    value = os.environ.get("MLMAMBA_PREFILL_CHUNK", str(PREFILL_CHUNK))
+    (the default). MLMAMBA_PREFILL_CHUNK=N turns it on, with chunks of up to N tokens (rounded down to a power of two;
+    512 is a good choice); larger batches get shorter chunks so that one chunk holds at most PREFILL_CHUNK_TOKENS
+    tokens. Off by default: measured on an H100 (docs/benchmarks.md), a chunk replay costs ~6 ms however short (the
+    chunked scan's ~1,000 small kernels), so a prompt through the ladder takes 1.2-2.5x its own graph's time, and
+    capturing the ladder adds ~13-55 s to a batch size's first call; it pays where prompt lengths rarely repeat, at
+    batch 1 (a new length: ~45 ms instead of ~200 ms eagerly)."""
+    value = os.environ.get("MLMAMBA_PREFILL_CHUNK", "0")
     try:
         limit = int(value)
     except ValueError:
@@ -1527,7 +1530,7 @@ class DecodeGraphRunner:
         ):
             return None
         # with a chunk ladder every prompt takes it (a prompt is prefilled the same way whatever came before it);
-        # without one (MLMAMBA_PREFILL_CHUNK=0, or its capture failed) a prompt shape seen twice gets its own graph
+        # without one (the default, or its capture failed) a prompt shape seen twice gets its own graph
         hidden = self._chunked_prefill(inputs_embeds)
         if hidden is None:
             out = self.prefill_graphs(inputs_embeds)
