@@ -1207,7 +1207,7 @@ def prefill_chunk_limit(batch_size: int) -> int:
     (the default). MLMAMBA_PREFILL_CHUNK=N turns it on, with chunks of up to N tokens (rounded down to a power of two;
     512 is a good choice); larger batches get shorter chunks so that one chunk holds at most PREFILL_CHUNK_TOKENS
     tokens. Off by default: measured on an H100 (docs/benchmarks.md), a chunk replay costs ~6 ms however short (the
-    chunked scan's ~1,000 small kernels), so a prompt through the ladder takes 1.2-2.5x its own graph's time, and
+    prefill's ~2,000 kernels), so a prompt through the ladder takes 1.2-1.7x its own graph's time, and
     capturing the ladder adds ~13-55 s to a batch size's first call; it pays where prompt lengths rarely repeat, at
     batch 1 (a new length: ~45 ms instead of ~200 ms eagerly)."""
     value = os.environ.get("MLMAMBA_PREFILL_CHUNK", "0")
