@@ -400,7 +400,7 @@ def test_prefill_chunk_limit_follows_the_environment_and_the_batch_size(monkeypa
 
 @torch.no_grad()
 def test_shape_graphs_prepare_captures_ahead_and_replays_without_copies():
-    """`prepare` captures a shape before its first call (once; a failed capture is remembered), `has` tells, `replay`
+    """`prepare` captures a shape before its first call (once; a failed capture is remembered), `replay`
     with clone=False hands out the static outputs themselves; `limit=None` keeps every shape."""
     from modeling_mlmamba.generation_mlmamba import ShapeGraphs
 
@@ -428,8 +428,8 @@ def test_shape_graphs_prepare_captures_ahead_and_replays_without_copies():
     assert all(graphs.prepare(x) for x in shapes) and captured == [(1, 2), (2, 2), (4, 2), (5, 2), (6, 2)]
     assert graphs.prepare(shapes[0]) and len(captured) == 5  # already there: not captured again
     assert not graphs.prepare(torch.zeros(3, 2)) and not graphs.prepare(torch.zeros(3, 2))
-    assert graphs.failed == {ShapeGraphs.key((torch.zeros(3, 2),))} and not graphs.has(torch.zeros(3, 2))
-    assert graphs.has(torch.ones(2, 2)) and len(graphs.graphs) == 5
+    assert graphs.failed == {ShapeGraphs.key((torch.zeros(3, 2),))} and ShapeGraphs.key((torch.zeros(3, 2),)) not in graphs.graphs
+    assert ShapeGraphs.key((torch.ones(2, 2),)) in graphs.graphs and len(graphs.graphs) == 5
     (out,) = graphs.replay(torch.full((2, 2), 4.0), clone=False)
     assert torch.equal(out, torch.full((2, 2), 5.0)) and out is graphs.graphs[ShapeGraphs.key((out,))][2][0]
     (copy,) = graphs.replay(torch.full((2, 2), 7.0))

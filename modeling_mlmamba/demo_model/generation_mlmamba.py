@@ -1279,12 +1279,8 @@ class ShapeGraphs:
         self.graphs[key] = entry  # most recently used last
         return self._replay(entry, inputs)
 
-    def has(self, *inputs: torch.Tensor) -> bool:
-        """Whether the shape of `inputs` has a graph."""
-        return self.key(inputs) in self.graphs
-
     def replay(self, *inputs: torch.Tensor, clone: bool = True):
-        """Replays the graph of a shape that has one (see `has`); `clone=False` hands out the graph's own output
+        """Replays the graph of a shape that has one (see `prepare`); `clone=False` hands out the graph's own output
         tensors, which the next replay of that shape overwrites."""
         return self._replay(self.graphs[self.key(inputs)], inputs, clone)
 
