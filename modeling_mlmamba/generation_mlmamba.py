@@ -475,7 +475,15 @@ def _fused_kernels(autotune: bool = True):
         BLOCK_S: tl.constexpr,
         LAUNCH_EARLY: tl.constexpr = False,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
+        pend_x_ptr=None, pend_dt_ptr=None, pend_b_ptr=None, count_ptr=None, stride_px_b=0, stride_px_k=0,
+        stride_pdt_b=0, stride_pdt_k=0, stride_pb_b=0, stride_pb_k=0, DEFER: tl.constexpr = 0,
     ):
+        # DEFER = K > 0 (`DeferredUpdates`): the state in memory, h0, is the state of up to K - 1 steps ago; the steps
+        # since (x, dt, B of each) wait in the pending buffers at slots 0 .. slot - 1, slot = count % K. The output
+        # is computed from h0 and the buffered steps (the same recurrence, unrolled: h_t = exp(a_t) h_(t-1) +
+        # dt_t x_t B_t^T, a = A dt, so h_t C = exp(a_1 + .. + a_t) h0 C + sum_j exp(a_(j+1) + .. + a_t) dt_j x_j
+        # (B_j . C)); h0 is written back only when the buffer is full (slot K - 1): the state is read every step
+        # but written every K-th
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -495,6 +503,15 @@ def _fused_kernels(autotune: bool = True):
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
+        if DEFER > 0:  # the buffered steps (all K slots; those not yet written this round are masked off below)
+            j = tl.arange(0, DEFER)
+            pend_x = pend_x_ptr + batch * stride_px_b
+            pend_dt = pend_dt_ptr + batch * stride_pdt_b
+            pend_b = pend_b_ptr + batch * stride_pb_b + group * state_size
+            xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
+                         other=0.0).to(tl.float32)
+            dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
+            bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
@@ -502,9 +519,36 @@ def _fused_kernels(autotune: bool = True):
         C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
         dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
         dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
-        state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
-        tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
-        y = tl.sum(state * C[None, :], axis=1)
+        if DEFER > 0:
+            slot = tl.load(count_ptr) % DEFER
+            now = j == slot
+            dts = tl.where(now, dt, tl.where(j < slot, dts, 0.0))  # zero for the slots after this step
+            xs = tl.where(now[:, None], x[None, :], xs)
+            bs = tl.where(now[:, None], B[None, :], bs)
+            a = A * dts
+            # the decay from step j to now, exp(a_(j+1) + .. + a_slot), each sum formed from its own terms
+            after = (j[None, :] > j[:, None]) & (j <= slot)[None, :]
+            weights = tl.exp(tl.sum(tl.where(after, a[None, :], 0.0), axis=1)) * dts
+            total = tl.exp(tl.sum(a, axis=0))  # the decay of h0 over all of them
+            y = total * tl.sum(state * C[None, :], axis=1)
+            y += tl.sum(xs * (weights * tl.sum(bs * C[None, :], axis=1))[:, None], axis=0)
+            # this step into its slot (x by each program for its channels, dt and B once per head / group)
+            tl.store(pend_x + slot * stride_px_k + channel, x.to(pend_x_ptr.dtype.element_ty), mask=p_mask)
+            tl.store(pend_dt + slot * stride_pdt_k + head, dt, mask=pid_p == 0)
+            tl.store(pend_b + slot * stride_pb_k + n, B.to(pend_b_ptr.dtype.element_ty),
+                     mask=n_mask & (pid_p == 0) & (head % heads_per_group == 0))
+            if slot == DEFER - 1:  # the buffer is full: fold it into the state in memory
+                state = total * state + (dt * x)[:, None] * B[None, :]  # this step: decay 1
+                for k in range(0, DEFER - 1):
+                    w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
+                    x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
+                    b_k = tl.load(pend_b + k * stride_pb_k + n, mask=n_mask, other=0.0).to(tl.float32)
+                    state += (w_k * x_k)[:, None] * b_k[None, :]
+                tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+        else:
+            state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
+            tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+            y = tl.sum(state * C[None, :], axis=1)
         if HAS_D:
             y += x * tl.load(D_ptr + head).to(tl.float32)
         y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
@@ -823,7 +867,11 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     Chaining (2-16 sequences, out_proj's configuration fixed or tuned): called with `next_norm_w` (the next block's
     RMSNorm weight), the function returns (the next block's input h, `ChainedInput`) instead of (residual, mixer
     output), and takes that pair as its (residual, out) on the next layer; the last layer, called without
-    `next_norm_w`, returns the plain pair. The function carries `chains_layers = True` for callers to detect it."""
+    `next_norm_w`, returns the plain pair. The function carries `chains_layers = True` for callers to detect it.
+
+    `pending` (a `DeferredUpdates`, any batch size): the SSM state is written back every K steps only, the steps in
+    between kept in its buffers (the caller adds one to its count after each step of all layers); without it the
+    state is updated in place every step."""
     found = fused_kernels() if kernels is None else kernels
     if found is None:
         return None
@@ -864,7 +912,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         return dict(trace_ptr=trace["buffer"], trace_slot=slot % 256, trace_stride=trace["programs"], TRACE=True)
 
     def block_step(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
-                   gated_w, out_w, out_b, next_norm_w=None):
+                   gated_w, out_w, out_b, next_norm_w=None, pending=None):
         batch = residual.shape[0]
         if (
             not 1 <= batch <= FUSED_MAX_ROWS
@@ -876,12 +924,14 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 f"{in_w.shape[1]}), conv state as long as the conv kernel, {conv_w.shape[-1]}); got residual "
                 f"{tuple(residual.shape)}, conv state {tuple(conv_state.shape)}"
             )
+        if pending is not None:
+            pending.check(batch, s)
         with torch.cuda.device(residual.device) if residual.is_cuda else contextlib.nullcontext():  # Triton's device
             return _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log,
-                           D, gated_w, out_w, out_b, next_norm_w)
+                           D, gated_w, out_w, out_b, next_norm_w, pending)
 
     def _launch(residual, out, conv_state, ssm_state, norm_w, in_w, in_b, conv_w, conv_b, dt_bias, A_log, D,
-                gated_w, out_w, out_b, next_norm_w):
+                gated_w, out_w, out_b, next_norm_w, pending):
         batch = residual.shape[0]
         chained = isinstance(out, ChainedInput)  # the previous layer formed this one's input (and residual)
         if chained:
@@ -929,6 +979,11 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             )
         gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
+        deferred = {} if pending is None else dict(
+            pend_x_ptr=pending.x, pend_dt_ptr=pending.dt, pend_b_ptr=pending.b, count_ptr=pending.count,
+            stride_px_b=pending.x.stride(0), stride_px_k=pending.x.stride(1), stride_pdt_b=pending.dt.stride(0),
+            stride_pdt_k=pending.dt.stride(1), stride_pb_b=pending.b.stride(0), stride_pb_k=pending.b.stride(1),
+            DEFER=pending.x.shape[1])
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
             projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
@@ -937,7 +992,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
             BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
-            **(trace_args(out.device) if batch > 1 else {}),
+            **(trace_args(out.device) if batch > 1 else {}), **deferred,
         )
         n_out, k_out = out_w.shape
         new_out = out.new_empty(batch, 1, n_out)
@@ -987,6 +1042,119 @@ class ChainedInput(NamedTuple):
 
     normed: torch.Tensor
     squares: torch.Tensor
+
+
+DEFERRED_STEPS = 16  # the fused layer writes the SSM state back every this many decode steps (MLMAMBA_DEFER_STEPS)
+
+
+def deferred_steps() -> int:
+    """K, the number of decode steps after which the fast path's fused layer writes the SSM state back to memory
+    (`DeferredUpdates`): MLMAMBA_DEFER_STEPS, DEFERRED_STEPS (16) by default, 0 or 1 to write it every step."""
+    value = os.environ.get("MLMAMBA_DEFER_STEPS", str(DEFERRED_STEPS))
+    try:
+        steps = int(value)
+    except ValueError:
+        raise ValueError(f"MLMAMBA_DEFER_STEPS must be a power of two (0: off), got {value!r}") from None
+    if steps > 1 and steps & (steps - 1):
+        raise ValueError(f"MLMAMBA_DEFER_STEPS must be a power of two (0: off), got {steps}")
+    return steps if steps > 1 else 0
+
+
+class DeferredUpdates(NamedTuple):
+    """One layer's SSM updates not yet written into its state, for the fused layer's `pending` argument.
+
+    A decode step reads the whole SSM state (h, 0.17 GB in float32 for the released LM at batch 1) and, as
+    transformers' and mamba_ssm's steps do, writes it back: at batch 8 that is 2.7 GB per token beside 5.4 GB of
+    weights. Mamba-2's A is one number per head, so K steps unroll exactly (the recurrence h_t = exp(A dt_t) h_(t-1)
+    + dt_t x_t B_t^T read off K steps later): the fused SSM update keeps the state of the last write, h0, and each
+    step's (x, dt, B) in these buffers, computes each output from h0 and the buffered steps, and writes the state
+    back once the K-th step is in (slot K - 1). The state in memory then lags the true state by `count % K` steps,
+    which `PendingSteps.fold` puts in before anyone else reads it.
+
+    x: (batch, K, intermediate), dt: (batch, K, heads) float32 (after the softplus), b: (batch, K, groups × state),
+    count: (1,) int32, the steps taken since the buffers were last empty (all layers share it; the decode step adds
+    one after its last layer)."""
+
+    x: torch.Tensor
+    dt: torch.Tensor
+    b: torch.Tensor
+    count: torch.Tensor
+
+    def check(self, batch: int, shape: "_BlockShape") -> None:
+        steps = self.x.shape[1] if self.x.dim() == 3 else 0
+        expected = {"x": (batch, steps, shape.intermediate), "dt": (batch, steps, shape.heads),
+                    "b": (batch, steps, shape.groups * shape.state), "count": (1,)}
+        got = {name: tuple(getattr(self, name).shape) for name in expected}
+        if got != expected or steps < 2 or steps & (steps - 1) or self.dt.dtype != torch.float32 \
+                or self.count.dtype != torch.int32 or any(t.stride(-1) != 1 for t in (self.x, self.dt, self.b)):
+            raise ValueError(
+                f"pending updates (DeferredUpdates) for {batch} sequences over K (a power of two >= 2) steps take x "
+                f"{expected['x']}, dt {expected['dt']} (float32), b {expected['b']} (last dimensions contiguous) and "
+                f"count (1,) (int32); got {got}, dt {self.dt.dtype}, count {self.count.dtype}"
+            )
+
+
+class PendingSteps:
+    """The fast path's deferred SSM updates of a whole cache (see `DeferredUpdates`): one set of buffers per layer,
+    the device-side step count the kernels read, and `steps`, its mirror on the host (counted per replay, never read
+    back from the device)."""
+
+    def __init__(self, num_layers: int, batch_size: int, steps: int, shape: "_BlockShape", dtype: torch.dtype,
+                 device):
+        self.shape = shape
+        # zero-filled: slots not written yet this round are multiplied by zero weights
+        self.x = torch.zeros(num_layers, batch_size, steps, shape.intermediate, dtype=dtype, device=device)
+        self.dt = torch.zeros(num_layers, batch_size, steps, shape.heads, dtype=torch.float32, device=device)
+        self.b = torch.zeros(num_layers, batch_size, steps, shape.groups * shape.state, dtype=dtype, device=device)
+        self.count = torch.zeros(1, dtype=torch.int32, device=device)
+        self.steps = 0
+
+    @property
+    def length(self) -> int:
+        """K: a layer's state is written back every K steps."""
+        return self.x.shape[2]
+
+    @property
+    def pending(self) -> int:
+        """How many steps the states in memory lag behind."""
+        return self.steps % self.length
+
+    def layer(self, index: int) -> DeferredUpdates:
+        return DeferredUpdates(self.x[index], self.dt[index], self.b[index], self.count)
+
+    def reset(self) -> None:
+        """Nothing pending (after a prefill, or once `fold` has put the pending steps into the states)."""
+        self.count.zero_()
+        self.steps = 0
+
+    def snapshot(self) -> tuple:
+        return self.x.clone(), self.dt.clone(), self.b.clone(), self.count.clone(), self.steps
+
+    def restore(self, saved: tuple) -> None:
+        for t, value in zip((self.x, self.dt, self.b, self.count), saved):
+            t.copy_(value)
+        self.steps = saved[-1]
+
+    @torch.no_grad()
+    def fold(self, states: list[torch.Tensor], A_logs: list[torch.Tensor]) -> None:
+        """Puts the pending steps into the layers' SSM states (`states[i]`: (batch, heads, head_dim, state), updated
+        in place), as the kernel does when a round of K steps is complete, and resets the count."""
+        n = self.pending
+        if n:
+            s = self.shape
+            dt = self.dt[:, :, :n]  # (layers, batch, n, heads)
+            a = -torch.exp(torch.stack([A_log.float() for A_log in A_logs]))[:, None, None, :] * dt
+            after = torch.ones(n, n, device=dt.device).triu(1)  # after[j, i]: step i came after step j
+            weights = torch.exp(torch.einsum("lbih,ji->lbjh", a, after)) * dt
+            totals = torch.exp(a.sum(2))  # (layers, batch, heads)
+            group_of_head = torch.arange(s.heads, device=dt.device) // (s.heads // s.groups)
+            batch = dt.shape[1]
+            for index, state in enumerate(states):
+                x = self.x[index, :, :n].float().view(batch, n, s.heads, s.head_dim)
+                b = self.b[index, :, :n].float().view(batch, n, s.groups, s.state)[:, :, group_of_head]
+                update = torch.einsum("bjh,bjhp,bjhs->bhps", weights[index], x, b)
+                state.copy_(totals[index][..., None, None] * state.float() + update)
+        self.reset()
 
 
 # Launch configurations of the fused layer's products measured in the captured decode step of the released model
@@ -1439,16 +1607,22 @@ class DecodeGraphRunner:
         residual = hidden.float() if lm.config.residual_in_fp32 else hidden
         out = torch.zeros_like(hidden)  # layer 0 adds nothing to its input
         layers = lm.layers
+        # the fused layer writes the SSM states back every K steps (DeferredUpdates), where the cache has buffers
+        pending = getattr(cache, "_mlmamba_pending", None) if block is self._fused else None
         for index, (layer, states) in enumerate(zip(layers, cache.layers)):
             mixer = layer.mixer
             # the fused layer forms the next layer's normalised input in its last kernel (ChainedInput)
             chain = {} if not getattr(block, "chains_layers", False) else dict(
                 next_norm_w=layers[index + 1].norm.weight if index + 1 < len(layers) else None)
+            if pending is not None:
+                chain["pending"] = pending.layer(index)
             residual, out = block(
                 residual, out, states.conv_states[0], states.recurrent_states[0], layer.norm.weight,
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
                 mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias, **chain,
             )
+        if pending is not None:
+            pending.count.add_(1)
         with fused_norms(lm, norms=[lm.norm_f]):  # one kernel where mamba_ssm is installed
             hidden = lm.norm_f(residual + out).to(model.lm_head.weight.dtype)
         gemv = decode_gemv() if batch_size == 1 and hidden.is_cuda else None
@@ -1577,7 +1751,25 @@ class DecodeGraphRunner:
             self.caches[batch_size] = cache
             self._capture_chunk_ladder(batch_size)  # runs the LM on the new cache's states: reset below
         cache.reset()  # zeroes the states in place and marks them empty: the next forward is a prefill
+        pending = getattr(cache, "_mlmamba_pending", None)
+        if pending is not None:
+            pending.reset()
         return cache
+
+    def settle(self, cache) -> None:
+        """Puts the decode steps that the fused layer has not yet written into the SSM states of this runner's
+        `cache` (`DeferredUpdates`) into them, so that the cache holds the true states: before anything but the
+        captured step reads it (an eager forward, the caller of `generate()` that gets it back)."""
+        pending = getattr(cache, "_mlmamba_pending", None)
+        if pending is not None and pending.pending:
+            pending.fold([layer.recurrent_states[0] for layer in cache.layers],
+                         [layer.mixer.A_log for layer in self.model.model.language_model.layers])
+
+    def defers_state_writes(self, batch_size: int) -> bool:
+        """Whether the decode step of `batch_size` sequences writes the SSM states back every K steps only: where it
+        runs the fused layer (Triton on CUDA) and MLMAMBA_DEFER_STEPS is not 0."""
+        return (self.model.device.type == "cuda" and batch_size <= self.fused_max_batch and deferred_steps() > 0
+                and self._fused_fn() is not None)
 
     def _allocate(self, batch_size: int) -> StaticCache:
         text_config = self.model.config.text_config
@@ -1594,6 +1786,10 @@ class DecodeGraphRunner:
                     batch_size, num_heads, head_dim, state, device=device, dtype=self.state_dtype
                 ),
             )
+        if self.defers_state_writes(batch_size):
+            cache._mlmamba_pending = PendingSteps(
+                len(cache.layers), batch_size, deferred_steps(), _block_shape(self.model.model.language_model), dtype,
+                device)
         cache._mlmamba_defer_stop_check = True  # see allow_deferred_stop_checks
         cache._mlmamba_runner = self  # MLMambaModel.forward finds the prefill graphs through the cache
         return cache
@@ -1603,6 +1799,8 @@ class DecodeGraphRunner:
         """Compile (on first use), warm up and capture the decode step over `cache`, whose states hold a live
         prefill: they are saved before and put back after, since warm-up and capture run the step."""
         saved = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in cache.layers]
+        pending = getattr(cache, "_mlmamba_pending", None)
+        saved.append(pending.snapshot() if pending is not None else None)
         try:
             try:
                 self._warm_up_and_capture(batch_size, cache)
@@ -1629,6 +1827,8 @@ class DecodeGraphRunner:
         for layer, (conv, ssm) in zip(cache.layers, saved):
             layer.conv_states[0].copy_(conv)
             layer.recurrent_states[0].copy_(ssm)
+        if saved[-1] is not None:
+            cache._mlmamba_pending.restore(saved[-1])
 
     def _warm_up_and_capture(self, batch_size: int, cache: StaticCache) -> None:
         static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.model.device)
@@ -1670,5 +1870,8 @@ class DecodeGraphRunner:
         graph, static_ids, static_logits, _ = self.graphs[batch_size]
         static_ids.copy_(input_ids)
         graph.replay()
+        pending = getattr(cache, "_mlmamba_pending", None)
+        if pending is not None:
+            pending.steps += 1  # the host's count of the steps the graph has taken (it counts them on the device)
         # generate() copies the last position's logits before the next replay overwrites them
         return self.output_class(logits=static_logits, cache_params=cache)

@@ -17,6 +17,9 @@ from transformers.models.mamba2 import modeling_mamba2
 
 from modeling_mlmamba.generation_mlmamba import (
     DecodeGraphRunner,
+    PendingSteps,
+    _block_shape,
+    deferred_steps,
     _torch_conv_update,
     _torch_state_update,
     allow_deferred_stop_checks,
@@ -482,3 +485,91 @@ def test_chunked_prefill_continues_the_cache_like_a_whole_prefill(monkeypatch):
         torch.testing.assert_close(mine.recurrent_states[0], reference_cache.layers[index].recurrent_states[0],
                                    atol=1e-6, rtol=1e-5, msg=f"SSM state, layer {index}")
     assert runner._chunked_prefill(torch.zeros(1, 4, lm.config.hidden_size)) is None  # no ladder for batch 1
+
+
+def _random_pending(lm, batch, K, n, seed):
+    """PendingSteps over `lm`'s shapes with n steps in its buffers (random x, B; dt > 0) and n on its count."""
+    generator = torch.Generator().manual_seed(seed)
+    pending = PendingSteps(len(lm.layers), batch, K, _block_shape(lm), torch.float32, "cpu")
+    pending.x.copy_(torch.randn(pending.x.shape, generator=generator))
+    pending.b.copy_(torch.randn(pending.b.shape, generator=generator))
+    pending.dt.copy_(torch.rand(pending.dt.shape, generator=generator) * 0.5 + 0.01)
+    pending.count.fill_(n)
+    pending.steps = n
+    return pending
+
+
+def _fold_by_recurrence(states, pending, lm, n):
+    """The reference: Mamba-2's state recurrence, one buffered step after the other (h = exp(A dt) h + dt x B^T, A =
+    -exp(A_log) per head, B per group of heads), on copies of `states`."""
+    config = lm.config
+    heads_per_group = config.num_heads // config.n_groups
+    folded = []
+    for index, state in enumerate(states):
+        h = state.clone().double()
+        A = -torch.exp(lm.layers[index].mixer.A_log.double())
+        for j in range(n):
+            for b in range(h.shape[0]):
+                for head in range(config.num_heads):
+                    dt = pending.dt[index, b, j, head].double()
+                    x = pending.x[index, b, j].double().view(config.num_heads, config.head_dim)[head]
+                    group = head // heads_per_group
+                    B = pending.b[index, b, j].double().view(config.n_groups, config.state_size)[group]
+                    h[b, head] = torch.exp(A[head] * dt) * h[b, head] + dt * torch.outer(x, B)
+        folded.append(h.to(state.dtype))
+    return folded
+
+
+@pytest.mark.parametrize("text_overrides", [dict(), dict(n_groups=2, num_heads=4)], ids=["released", "two-groups"])
+@torch.no_grad()
+def test_pending_steps_fold_equals_the_recurrence_step_by_step(text_overrides):
+    """`PendingSteps.fold` (the decode steps whose state writes the fused layer deferred, put into the states at once)
+    against the recurrence run one step at a time; a whole round (steps a multiple of K) is already in the states and
+    folds nothing."""
+    lm = tiny_model(seed=31, text_config=tiny_text_config(**text_overrides)).model.language_model
+    config = lm.config
+    generator = torch.Generator().manual_seed(32)
+    states = [torch.randn(2, config.num_heads, config.head_dim, config.state_size, generator=generator)
+              for _ in lm.layers]
+    pending = _random_pending(lm, batch=2, K=8, n=5, seed=33)
+    expected = _fold_by_recurrence(states, pending, lm, 5)
+    pending.fold(states, [layer.mixer.A_log for layer in lm.layers])
+    for index, (got, want) in enumerate(zip(states, expected)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"layer {index}")
+    assert pending.pending == 0 and pending.steps == 0 and int(pending.count) == 0
+    pending = _random_pending(lm, batch=2, K=8, n=16, seed=34)
+    before = [state.clone() for state in states]
+    pending.fold(states, [layer.mixer.A_log for layer in lm.layers])
+    assert all(torch.equal(a, b) for a, b in zip(states, before))
+
+
+def test_deferred_steps_follow_the_environment(monkeypatch):
+    assert deferred_steps() == 16
+    for value, expected in (("0", 0), ("1", 0), ("8", 8), ("32", 32)):
+        monkeypatch.setenv("MLMAMBA_DEFER_STEPS", value)
+        assert deferred_steps() == expected
+    for value in ("12", "many"):
+        monkeypatch.setenv("MLMAMBA_DEFER_STEPS", value)
+        with pytest.raises(ValueError, match="MLMAMBA_DEFER_STEPS must be a power of two"):
+            deferred_steps()
+
+
+@torch.no_grad()
+def test_an_eager_forward_on_a_fast_path_cache_settles_its_pending_steps():
+    """A fast-path cache whose decode steps have deferred their state writes (here 3 steps put in its buffers by
+    hand) is settled before an eager forward reads it: the logits equal those of a cache whose states had the
+    same steps applied one by one, and nothing is left pending."""
+    model = tiny_model(seed=35)
+    lm = model.model.language_model
+    next_ids, (cache, reference_cache) = _prefilled(model)
+    pending = _random_pending(lm, batch=2, K=16, n=3, seed=36)
+    cache._mlmamba_pending = pending
+    folded = _fold_by_recurrence([layer.recurrent_states[0] for layer in reference_cache.layers], pending, lm, 3)
+    for layer, state in zip(reference_cache.layers, folded):
+        layer.recurrent_states[0].copy_(state)
+    reference = model(input_ids=next_ids, cache_params=reference_cache, use_cache=True).logits
+    got = model(input_ids=next_ids, cache_params=cache, use_cache=True).logits
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    assert pending.pending == 0
+    for mine, theirs in zip(cache.layers, reference_cache.layers):
+        torch.testing.assert_close(mine.recurrent_states[0], theirs.recurrent_states[0], atol=1e-5, rtol=1e-5)

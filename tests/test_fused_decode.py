@@ -19,6 +19,8 @@ from tests.tiny import tiny_model, tiny_text_config
 
 from modeling_mlmamba.generation_mlmamba import (
     ChainedInput,
+    PendingSteps,
+    _block_shape,
     _fused_kernels,
     _torch_conv_update,
     _torch_state_update,
@@ -232,3 +234,55 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
                                        msg=f"sums of squares, {where}")
         residual, out = expected
     assert not torch.equal(states[1][0][1], layers[0][4]), "the SSM state did not move"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3], ids=["one-sequence", "three-sequences"])
+@pytest.mark.parametrize(
+    "text_overrides", [dict(), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
+    ids=["released", "two-groups-bias-odd-head-dim"],
+)
+@torch.no_grad()
+def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides):
+    """`pending` (DeferredUpdates, K = 4): the SSM state is written back every K-th step only. Over 2K + 3 tokens in
+    a row the outputs and conv states agree with the torch layer's at every token; the SSM state in memory stays
+    as it was between write-backs and equals the torch layer's state after each K-th token; after the last token
+    `PendingSteps.fold` brings it to the torch layer's current state (3 steps pending)."""
+    if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
+        pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
+    device = "cuda" if ON_GPU else "cpu"
+    model = tiny_model(seed=9, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
+    lm = model.model.language_model
+    with torch.no_grad():  # a non-trivial D, dt_bias and gated-norm weight
+        for p in lm.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 2)).to(p) * 0.1)
+    reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
+                                                                                              BLOCK_K=16))
+    weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, dtype, device,
+                                                                  torch.Generator().manual_seed(10), batch)
+    states = [(conv_state.clone(), ssm_state.clone()) for _ in range(2)]
+    K = 4
+    pending = PendingSteps(1, batch, K, _block_shape(lm), dtype, device)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    written = ssm_state.clone()
+    for step in range(2 * K + 3):
+        expected = reference(residual, out, *states[0], *weights)
+        got = fused(residual, out, *states[1], *weights, pending=pending.layer(0))
+        pending.count.add_(1)  # what the decode step does after its last layer
+        pending.steps += 1
+        for name, a, b in zip(("residual", "output"), got, expected):
+            torch.testing.assert_close(a, b, **tol, msg=f"{name}, token {step}")
+        torch.testing.assert_close(states[1][0], states[0][0], **tol, msg=f"conv state, token {step}")
+        if (step + 1) % K:
+            assert torch.equal(states[1][1], written), f"the SSM state was written at token {step}"
+        else:
+            torch.testing.assert_close(states[1][1], states[0][1], **tol, msg=f"SSM state, token {step}")
+            assert not torch.equal(states[1][1], written), f"the SSM state was not written at token {step}"
+            written = states[1][1].clone()
+        residual, out = expected
+    assert pending.pending == 3
+    pending.fold([states[1][1]], [weights[6]])
+    torch.testing.assert_close(states[1][1], states[0][1], **tol, msg="SSM state after fold")
+    assert pending.pending == 0 and int(pending.count) == 0

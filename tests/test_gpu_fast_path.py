@@ -139,6 +139,37 @@ def test_tuned_row_configurations_make_the_fused_layer_the_default_for_a_few_row
     assert mismatch.numel() == 0, f"first mismatch at (row, position) {mismatch[0].tolist()}"
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+@torch.no_grad()
+def test_fused_layer_defers_state_writes_and_hands_back_the_true_states(batch_size, monkeypatch):
+    """The fused layer writes the SSM states back every K = 16 decode steps (DeferredUpdates): greedy output equals
+    the plain path's, with and without (MLMAMBA_DEFER_STEPS=0); a cache handed back by `generate()`
+    (`return_dict_in_generate`, 47 decode steps: 15 still pending when the loop ends) holds the plain path's states."""
+    from modeling_mlmamba.generation_mlmamba import fused_kernels
+
+    if fused_kernels() is None:
+        pytest.skip("no Triton here")
+    monkeypatch.setenv("MLMAMBA_FUSED_DECODE_MAX_BATCH", "16")
+    model = small_gpu_model()
+    inputs = prompt(model, batch_size)
+    reference = greedy(model, inputs, return_dict_in_generate=True)
+    fast = greedy(model, inputs, cache_implementation="static", return_dict_in_generate=True)
+    runner = model._decode_graphs
+    pending = runner.caches[batch_size]._mlmamba_pending
+    assert runner._fused and pending.length == 16
+    assert pending.steps == 0 and int(pending.count) == 0, "the handed-back cache was not settled"
+    mismatch = (fast.sequences != reference.sequences).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch at (row, position) {mismatch[0].tolist()}"
+    for index, (mine, theirs) in enumerate(zip(fast.past_key_values.layers, reference.past_key_values.layers)):
+        assert _relative_error(mine.recurrent_states[0], theirs.recurrent_states[0]) < 1e-5, f"layer {index}"
+        assert _relative_error(mine.conv_states[0], theirs.conv_states[0]) < 1e-5, f"conv state, layer {index}"
+    monkeypatch.setenv("MLMAMBA_DEFER_STEPS", "0")
+    model._decode_graphs = None
+    every_step = greedy(model, inputs, cache_implementation="static")
+    assert not hasattr(model._decode_graphs.caches[batch_size], "_mlmamba_pending")
+    assert torch.equal(every_step, reference.sequences)
+
+
 @torch.no_grad()
 def test_fast_path_cache_and_graph_are_reused_across_calls():
     model = small_gpu_model()

@@ -399,6 +399,8 @@ class MLMambaModel(MLMambaPreTrainedModel):
         image_features = None
         # the GPU fast path's cache (generation_mlmamba.py) replays prompt shapes it has seen before from CUDA graphs
         runner = getattr(cache_params, "_mlmamba_runner", None)
+        if runner is not None:  # decode steps the captured step has not yet written into the states (deferred)
+            runner.settle(cache_params)
         if inputs_embeds is None:
             is_image = input_ids == self.config.image_token_id
             # `<image>` may lie past the embedding table (tokenizers that add it): its embedding is never used.
@@ -592,6 +594,16 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
             mode = "max-autotune-no-cudagraphs"
         runner.set_compile_mode(mode)
         return runner
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate()`. A state cache of the GPU fast path that it hands back (`return_dict_in_generate`)
+        holds the true states: the steps whose state writes the decode step deferred are put in first."""
+        result = super().generate(*args, **kwargs)
+        cache = getattr(result, "past_key_values", None)
+        runner = getattr(cache, "_mlmamba_runner", None)
+        if runner is not None:
+            runner.settle(cache)
+        return result
 
 
 # save_pretrained copies this file and its relative imports next to the weights (auto_map: see configuration).
