@@ -888,7 +888,9 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     pdl_in = pdl
     if use_pdl and os.environ.get("MLMAMBA_PDL_IN", "1") == "0":
         pdl_in = dict(USE_PDL=True, LAUNCH_EARLY=early)
-    block_p = min(_SSM_BLOCK_P, triton.next_power_of_2(s.head_dim))
+    # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
+    block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
+    ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -991,7 +993,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=triton.next_power_of_2(s.state), num_warps=2, **pdl,
+            BLOCK_S=triton.next_power_of_2(s.state), num_warps=ssm_warps, **pdl,
             **(trace_args(out.device) if batch > 1 else {}), **deferred,
         )
         n_out, k_out = out_w.shape

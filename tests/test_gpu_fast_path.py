@@ -160,14 +160,22 @@ def test_fused_layer_defers_state_writes_and_hands_back_the_true_states(batch_si
     assert pending.steps == 0 and int(pending.count) == 0, "the handed-back cache was not settled"
     mismatch = (fast.sequences != reference.sequences).nonzero()
     assert mismatch.numel() == 0, f"first mismatch at (row, position) {mismatch[0].tolist()}"
-    for index, (mine, theirs) in enumerate(zip(fast.past_key_values.layers, reference.past_key_values.layers)):
-        assert _relative_error(mine.recurrent_states[0], theirs.recurrent_states[0]) < 1e-5, f"layer {index}"
-        assert _relative_error(mine.conv_states[0], theirs.conv_states[0]) < 1e-5, f"conv state, layer {index}"
     monkeypatch.setenv("MLMAMBA_DEFER_STEPS", "0")
     model._decode_graphs = None
-    every_step = greedy(model, inputs, cache_implementation="static")
+    every_step = greedy(model, inputs, cache_implementation="static", return_dict_in_generate=True)
     assert not hasattr(model._decode_graphs.caches[batch_size], "_mlmamba_pending")
-    assert torch.equal(every_step, reference.sequences)
+    assert torch.equal(every_step.sequences, reference.sequences)
+    # the same kernels writing the states every step: equal to float32 roundings; the plain path (its own kernels,
+    # other summation orders) to what 47 steps of those roundings add up to
+    for index, (mine, same, theirs) in enumerate(zip(fast.past_key_values.layers, every_step.past_key_values.layers,
+                                                     reference.past_key_values.layers)):
+        for name, error, bound in (
+            ("SSM state vs written every step", _relative_error(mine.recurrent_states[0], same.recurrent_states[0]),
+             1e-5),
+            ("SSM state vs plain path", _relative_error(mine.recurrent_states[0], theirs.recurrent_states[0]), 1e-4),
+            ("conv state vs plain path", _relative_error(mine.conv_states[0], theirs.conv_states[0]), 1e-4),
+        ):
+            assert error < bound, f"{name}, layer {index}: relative error {error:.2e}"
 
 
 @torch.no_grad()

@@ -16,11 +16,11 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG"
 if [ "$SELECT" != "none" ]; then
   timeout "$TEST_T" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py tests/test_fused_decode.py \
-    -k "$SELECT" 2>&1 | tail -25 | tee -a "$LOG"
+    -k "$SELECT" -rfE --tb=short 2>&1 | tail -60 | tee -a "$LOG"
 fi
 left=$(( deadline - $(date +%s) ))
 echo "experiments get ${left} s" | tee -a "$LOG"
 if [ "$EXP_ARGS" != "none" ] && [ "$left" -gt 30 ]; then
-  # shellcheck disable=SC2086
-  timeout "$left" python3 benchmarks/experiments.py $EXP_ARGS 2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG"
+  # eval: quoted words in EXPERIMENTS ARGS (e.g. --env='A=1 B=2;C=3') stay one argument
+  eval "timeout $left python3 benchmarks/experiments.py $EXP_ARGS" 2>&1 | grep -v "Warning\|warn(" | tee -a "$LOG"
 fi
