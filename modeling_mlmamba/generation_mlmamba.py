@@ -477,15 +477,13 @@ def _fused_kernels(autotune: bool = True):
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
         pend_x_ptr=None, pend_dt_ptr=None, pend_b_ptr=None, count_ptr=None, stride_px_b=0, stride_px_k=0,
         stride_pdt_b=0, stride_pdt_k=0, stride_pb_b=0, stride_pb_k=0, DEFER: tl.constexpr = 0,
-        bc_ptr=None, stride_bc_b=0, stride_bc_k=0, BC_PARTS: tl.constexpr = 0,
     ):
         # DEFER = K > 0 (`DeferredUpdates`): the state in memory, h0, is the state of up to K - 1 steps ago; the steps
         # since (x, dt, B of each) wait in the pending buffers at slots 0 .. slot - 1, slot = count % K. The output
         # is computed from h0 and the buffered steps (the same recurrence, unrolled: h_t = exp(a_t) h_(t-1) +
         # dt_t x_t B_t^T, a = A dt, so h_t C = exp(a_1 + .. + a_t) h0 C + sum_j exp(a_(j+1) + .. + a_t) dt_j x_j
         # (B_j . C)); h0 is written back only when the buffer is full (slot K - 1): the state is read every step
-        # but written every K-th. BC_PARTS > 0: the buffered steps' B_j . C come from in_proj (norm_in_proj_conv_rows,
-        # BC_STEPS: BC_PARTS partial sums per group and step in bc_ptr) instead of each program reading all B_j
+        # but written every K-th
         _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
         pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -513,9 +511,7 @@ def _fused_kernels(autotune: bool = True):
             xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
                          other=0.0).to(tl.float32)
             dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
-            if BC_PARTS == 0:
-                bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :],
-                             other=0.0).to(tl.float32)
+            bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
@@ -528,20 +524,14 @@ def _fused_kernels(autotune: bool = True):
             now = j == slot
             dts = tl.where(now, dt, tl.where(j < slot, dts, 0.0))  # zero for the slots after this step
             xs = tl.where(now[:, None], x[None, :], xs)
-            if BC_PARTS > 0:
-                q = tl.arange(0, BC_PARTS)
-                bc = tl.sum(tl.load(bc_ptr + batch * stride_bc_b + j[:, None] * stride_bc_k + group * BC_PARTS
-                                    + q[None, :]), axis=1)
-                bc = tl.where(now, tl.sum(B * C, axis=0), tl.where(j < slot, bc, 0.0))
-            else:
-                bc = tl.sum(tl.where(now[:, None], B[None, :], bs) * C[None, :], axis=1)
+            bs = tl.where(now[:, None], B[None, :], bs)
             a = A * dts
             # the decay from step j to now, exp(a_(j+1) + .. + a_slot), each sum formed from its own terms
             after = (j[None, :] > j[:, None]) & (j <= slot)[None, :]
             weights = tl.exp(tl.sum(tl.where(after, a[None, :], 0.0), axis=1)) * dts
             total = tl.exp(tl.sum(a, axis=0))  # the decay of h0 over all of them
             y = total * tl.sum(state * C[None, :], axis=1)
-            y += tl.sum(xs * (weights * bc)[:, None], axis=0)
+            y += tl.sum(xs * (weights * tl.sum(bs * C[None, :], axis=1))[:, None], axis=0)
             # this step into its slot (x by each program for its channels, dt and B once per head / group)
             tl.store(pend_x + slot * stride_px_k + channel, x.to(pend_x_ptr.dtype.element_ty), mask=p_mask)
             tl.store(pend_dt + slot * stride_pdt_k + head, dt, mask=pid_p == 0)
@@ -628,8 +618,6 @@ def _fused_kernels(autotune: bool = True):
         LAUNCH_EARLY: tl.constexpr = False,
         NORMED: tl.constexpr = False, BLOCK_SQUARES: tl.constexpr = 1, PACKED_CONV: tl.constexpr = False,
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
-        pend_b_ptr=None, bc_ptr=None, stride_pb_b=0, stride_pb_k=0, stride_bc_b=0, stride_bc_k=0, c_start=0,
-        c_size=0, BC_STEPS: tl.constexpr = 0,
     ):
         # NORMED: the previous layer's out_proj already formed this layer's input: res_ptr holds norm_w * h (the
         # product's input, unscaled) and prev_ptr `n_squares` partial sums of h^2 per row, so the loop only streams
@@ -718,18 +706,6 @@ def _fused_kernels(autotune: bool = True):
         val = tl.where(is_conv[None, :], conv, val)
         tl.store(out_ptr + m[:, None] * N + rows[None, :], val.to(out_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & row_mask[None, :])
-        if BC_STEPS > 0:
-            # deferred state writes (ssm_step_gate, BC_PARTS): a program whose rows are C's (whole blocks of one
-            # group, BLOCK_N dividing the state size) dots them with each buffered step's B, per row of the batch
-            c_pos = pid * BLOCK_N - c_start
-            if (c_pos >= 0) & (c_pos < c_size):
-                c_vals = val.to(out_ptr.dtype.element_ty).to(tl.float32)  # as the SSM update reads C
-                c_cols = c_pos + tl.arange(0, BLOCK_N)
-                for step in tl.static_range(BC_STEPS):
-                    b_step = tl.load(pend_b_ptr + m[:, None] * stride_pb_b + step * stride_pb_k + c_cols[None, :],
-                                     mask=m_mask[:, None], other=0.0).to(tl.float32)
-                    tl.store(bc_ptr + m * stride_bc_b + step * stride_bc_k + c_pos // BLOCK_N,
-                             tl.sum(b_step * c_vals, axis=1), mask=m_mask)
         _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
@@ -915,8 +891,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
     block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
     ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
-    # MLMAMBA_DEFER_BC=0 (experiments): the SSM update dots C with the buffered B itself at 2-16 rows too
-    bc_by_in_proj = os.environ.get("MLMAMBA_DEFER_BC", "1") != "0"
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -978,7 +952,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                          SILU=s.activation in ("silu", "swish"), D_CONV=conv_w.shape[-1],
                          BLOCK_C=triton.next_power_of_2(conv_w.shape[-1]), **(pdl_in if batch > 1 else pdl),
                          **in_meta)
-        bc_args = {}
         if batch == 1:
             if chained:
                 raise ValueError("a chained input (ChainedInput) is formed for 2-16 sequences only")
@@ -989,16 +962,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 conv_w2.stride(0), conv_w2.stride(1), s.norm_eps, **conv_args,
             )
         else:  # 2-16 rows; chained, the normalised input and its sums of squares come in place of residual and out
-            # deferred state writes: in_proj's C programs dot C with the buffered steps' B (each program of the SSM
-            # update would otherwise read all of them), where its row blocks hold whole parts of one group's C
-            block_n = in_meta.get("BLOCK_N", 0)
-            if (pending is not None and block_n and s.state % block_n == 0 and c_start % block_n == 0
-                    and (s.state // block_n) & (s.state // block_n - 1) == 0 and bc_by_in_proj):
-                steps = pending.x.shape[1]
-                bc = torch.empty(batch, steps, s.groups * s.state // block_n, device=out.device, dtype=torch.float32)
-                bc_args = dict(pend_b_ptr=pending.b, bc_ptr=bc, stride_pb_b=pending.b.stride(0),
-                               stride_pb_k=pending.b.stride(1), stride_bc_b=bc.stride(0), stride_bc_k=bc.stride(1),
-                               c_start=c_start, c_size=s.groups * s.state, BC_STEPS=steps)
             packed = (conv_w.shape[-1] == 4 and conv_state.dtype == conv_w2.dtype == projected.dtype
                       and conv_state.dtype in (torch.bfloat16, torch.float16) and conv_state.stride()[1:] == (4, 1)
                       and conv_w2.stride() == (4, 1) and conv_state.data_ptr() % 8 == 0
@@ -1014,7 +977,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 # a tile of 8 rows where the batch fits (mma m16n8k16 in the PTX: measured ~3% faster at batch 8)
                 IEEE=in_w.dtype == torch.float32, BLOCK_M=8 if batch <= 8 else FUSED_MAX_ROWS, NORMED=chained,
                 BLOCK_SQUARES=triton.next_power_of_2(squares.shape[1]) if chained else 1, **conv_args,
-                **trace_args(out.device), **bc_args,
+                **trace_args(out.device),
             )
         gated = out_w.new_empty(batch, s.intermediate)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
@@ -1023,9 +986,6 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             stride_px_b=pending.x.stride(0), stride_px_k=pending.x.stride(1), stride_pdt_b=pending.dt.stride(0),
             stride_pdt_k=pending.dt.stride(1), stride_pb_b=pending.b.stride(0), stride_pb_k=pending.b.stride(1),
             DEFER=pending.x.shape[1])
-        if bc_args:
-            deferred.update(bc_ptr=bc_args["bc_ptr"], stride_bc_b=bc_args["stride_bc_b"],
-                            stride_bc_k=bc_args["stride_bc_k"], BC_PARTS=s.state // block_n)
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
             projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),

@@ -242,9 +242,8 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
     "text_overrides", [dict(), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
     ids=["released", "two-groups-bias-odd-head-dim"],
 )
-@pytest.mark.parametrize("block_n", [16, 32], ids=["C-dotted-by-in_proj", "C-dotted-by-the-SSM-update"])
 @torch.no_grad()
-def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides, block_n):
+def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides):
     """`pending` (DeferredUpdates, K = 4): the SSM state is written back every K-th step only. Over 2K + 3 tokens in
     a row the outputs and conv states agree with the torch layer's at every token; the SSM state in memory stays
     as it was between write-backs and equals the torch layer's state after each K-th token; after the last token
@@ -259,10 +258,8 @@ def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 2)).to(p) * 0.1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    # 2-16 rows: in_proj's blocks of 16 rows hold whole parts of a group's C (16 values): it dots them with the
-    # buffered B; blocks of 32 do not, and the SSM update dots them itself (as it does for one row)
-    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False),
-                                  block_sizes=dict(BLOCK_N=block_n, BLOCK_K=16))
+    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
+                                                                                              BLOCK_K=16))
     weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, dtype, device,
                                                                   torch.Generator().manual_seed(10), batch)
     states = [(conv_state.clone(), ssm_state.clone()) for _ in range(2)]
