@@ -10,7 +10,9 @@ H100 with transformers' plain `generate()`). The step is therefore
       At batch 1, and at 2-16 where TUNED_CONFIGS has their launch configurations (Triton on CUDA), a layer is
       instead three fused Triton kernels (`make_fused_block_step`: the norms folded into the two products, the conv
       update in in_proj's epilogue, the SSM update with the gate), which overlap through programmatic dependent
-      launch on Hopper;
+      launch on Hopper; where measured faster (batch 1; 2-16 with the float32 state) the fused SSM update writes
+      the state back every 16 steps only, keeping the steps in between in small buffers (`DeferredUpdates`), and
+      the cache is settled (`DecodeGraphRunner.settle`) before anything else reads it;
   (2) captured once per batch size in a `torch.cuda.CUDAGraph` over preallocated conv / SSM states, then replayed:
       one launch per token;
   (3) not waited for: `generate()` normally reads its stop flag on the host after every token; for these caches it
@@ -1768,10 +1770,14 @@ class DecodeGraphRunner:
                          [layer.mixer.A_log for layer in self.model.model.language_model.layers])
 
     def defers_state_writes(self, batch_size: int) -> bool:
-        """Whether the decode step of `batch_size` sequences writes the SSM states back every K steps only: where it
-        runs the fused layer (Triton on CUDA) and MLMAMBA_DEFER_STEPS is not 0."""
-        return (self.model.device.type == "cuda" and batch_size <= self.fused_max_batch and deferred_steps() > 0
-                and self._fused_fn() is not None)
+        """Whether the decode step of `batch_size` sequences writes the SSM states back every K steps only
+        (`DeferredUpdates`): where it runs the fused layer (Triton on CUDA), MLMAMBA_DEFER_STEPS is not 0, and it was
+        measured faster (docs/benchmarks.md, H100, ms per step): at batch 1 (float32 state 2.48 -> 2.32, bf16 2.43
+        -> 2.31) and at 2-16 with the float32 state (batch 8: 3.79 -> 3.61), not at 2-16 with the bf16 state (batch
+        8: 3.27 -> 3.47: each program's reads of the buffered B cost more than the halved state writes save)."""
+        if not (self.model.device.type == "cuda" and batch_size <= self.fused_max_batch and deferred_steps() > 0):
+            return False
+        return (batch_size == 1 or self.state_dtype == torch.float32) and self._fused_fn() is not None
 
     def _allocate(self, batch_size: int) -> StaticCache:
         text_config = self.model.config.text_config
