@@ -19,6 +19,7 @@ from modeling_mlmamba.generation_mlmamba import (
     DecodeGraphRunner,
     PendingSteps,
     _block_shape,
+    defer_state_writes,
     deferred_steps,
     _torch_conv_update,
     _torch_state_update,
@@ -552,6 +553,17 @@ def test_deferred_steps_follow_the_environment(monkeypatch):
         monkeypatch.setenv("MLMAMBA_DEFER_STEPS", value)
         with pytest.raises(ValueError, match="MLMAMBA_DEFER_STEPS must be a power of two"):
             deferred_steps()
+
+
+def test_state_writes_are_deferred_where_measured_faster(monkeypatch):
+    """Batch 1 with either state dtype and 2-16 rows with the float32 state defer their writes; 2-16 rows with the
+    bf16 state, batches past the fused layer's and MLMAMBA_DEFER_STEPS=0 do not."""
+    assert defer_state_writes(1, torch.float32, 16) and defer_state_writes(1, torch.bfloat16, 1)
+    assert defer_state_writes(8, torch.float32, 16) and defer_state_writes(16, torch.float32, 16)
+    assert not defer_state_writes(8, torch.bfloat16, 16)
+    assert not defer_state_writes(8, torch.float32, 1) and not defer_state_writes(17, torch.float32, 16)
+    monkeypatch.setenv("MLMAMBA_DEFER_STEPS", "0")
+    assert not defer_state_writes(1, torch.float32, 16)
 
 
 @torch.no_grad()

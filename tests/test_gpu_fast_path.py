@@ -177,6 +177,7 @@ def test_fused_layer_defers_state_writes_and_hands_back_the_true_states(batch_si
         ):
             assert error < bound, f"{name}, layer {index}: relative error {error:.2e}"
     # where it was measured slower (2-16 rows with the bf16 state) the states are written every step
+    monkeypatch.delenv("MLMAMBA_DEFER_STEPS")
     model.config.ssm_state_dtype = "bfloat16"
     runner = model._decode_graphs
     assert hasattr(runner.cache_for(1), "_mlmamba_pending") and not hasattr(runner.cache_for(3), "_mlmamba_pending")

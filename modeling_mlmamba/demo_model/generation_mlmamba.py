@@ -1064,6 +1064,17 @@ def deferred_steps() -> int:
     return steps if steps > 1 else 0
 
 
+def defer_state_writes(batch_size: int, state_dtype: torch.dtype, fused_max_batch: int) -> bool:
+    """Whether the fused layer's decode step of `batch_size` sequences (it runs up to `fused_max_batch`) writes the
+    SSM states back every `deferred_steps()` steps only: where MLMAMBA_DEFER_STEPS is not 0 and it was measured
+    faster (docs/benchmarks.md, H100, ms per step): at batch 1 (float32 state 2.48 -> 2.32, bf16 2.43 -> 2.31) and
+    at 2-16 with the float32 state (batch 8: 3.79 -> 3.61); not at 2-16 with the bf16 state (batch 8: 3.27 -> 3.47:
+    each program's reads of the buffered B cost more there than the halved state writes save)."""
+    if not 1 <= batch_size <= fused_max_batch or deferred_steps() == 0:
+        return False
+    return batch_size == 1 or state_dtype == torch.float32
+
+
 class DeferredUpdates(NamedTuple):
     """One layer's SSM updates not yet written into its state, for the fused layer's `pending` argument.
 
@@ -1771,13 +1782,10 @@ class DecodeGraphRunner:
 
     def defers_state_writes(self, batch_size: int) -> bool:
         """Whether the decode step of `batch_size` sequences writes the SSM states back every K steps only
-        (`DeferredUpdates`): where it runs the fused layer (Triton on CUDA), MLMAMBA_DEFER_STEPS is not 0, and it was
-        measured faster (docs/benchmarks.md, H100, ms per step): at batch 1 (float32 state 2.48 -> 2.32, bf16 2.43
-        -> 2.31) and at 2-16 with the float32 state (batch 8: 3.79 -> 3.61), not at 2-16 with the bf16 state (batch
-        8: 3.27 -> 3.47: each program's reads of the buffered B cost more than the halved state writes save)."""
-        if not (self.model.device.type == "cuda" and batch_size <= self.fused_max_batch and deferred_steps() > 0):
-            return False
-        return (batch_size == 1 or self.state_dtype == torch.float32) and self._fused_fn() is not None
+        (`DeferredUpdates`): see `defer_state_writes`; on CUDA, where the fused layer runs."""
+        return (self.model.device.type == "cuda"
+                and defer_state_writes(batch_size, self.state_dtype, self.fused_max_batch)
+                and self._fused_fn() is not None)
 
     def _allocate(self, batch_size: int) -> StaticCache:
         text_config = self.model.config.text_config
