@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 # the released Mamba-2 2.7B: arguments Triton sees divisible by 16 at launch (sizes, offsets, strides)
 DIVISIBLE = {"N", "K", "stride_wn", "conv_start", "conv_dim", "n_parts", "parts_per_group", "group_size",
              "stride_proj_b", "x_start", "b_start", "c_start", "dt_start", "stride_y_b", "head_dim", "state_size",
-             "stride_s_h", "stride_s_p", "stride_s_b", "stride_part_b", "stride_cs_b"}
+             "stride_s_h", "stride_s_p", "stride_s_b", "stride_part_b", "stride_cs_b", "stride_px_b", "stride_px_k",
+             "stride_pdt_b", "stride_pdt_k", "stride_pb_b", "stride_pb_k"}
 # strides equal to 1 at launch, which Triton turns into constants
 ONE = {"stride_s_n", "stride_cs_k", "stride_cw_k"}
 PATTERN = re.compile(r"\b(ld\.global[.:\w]*|st\.global[.:\w]*|cp\.async\.[a-z]+[.:\w]*|wgmma\.mma_async[.\w]*|"
@@ -104,6 +105,13 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                     dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
                     dict(num_warps=2)))
+    for state in ("fp32", "bf16"):  # the state written back every 16 steps (DeferredUpdates)
+        out.append((f"SSM update, {state} state, deferred writes", "ssm_step_gate",
+                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
+                         pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32"),
+                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
+                         DEFER=16),
+                    dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
@@ -141,7 +149,7 @@ def main():
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
         shown = {k: v for k, v in constants.items()
-                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT"))}
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "DEFER"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -155,7 +163,7 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT") if constants.get(k))
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "DEFER") if constants.get(k))
             suffix += "_" + pointers["state_ptr"] if "state_ptr" in pointers else ""
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:
