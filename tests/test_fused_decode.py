@@ -39,6 +39,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _tiny_lm(seed, text_overrides, device, dtype, offset=0):
+    """A tiny model's LM on `device` in `dtype`, its 1-d parameters (norm weights, biases, D, dt_bias, A_log) moved off
+    their initial values so that every one of them matters."""
+    model = tiny_model(seed=seed, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
+    lm = model.model.language_model
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + offset)).to(p) * 0.1)
+    return lm
+
+
 def _layer_inputs(lm, layer_index, dtype, device, generator, batch=1):
     layer = lm.layers[layer_index]
     mixer = layer.mixer
@@ -69,12 +81,7 @@ def test_fused_layer_steps_like_the_torch_layer(dtype, batch, split_k, text_over
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
-    model = tiny_model(seed=5, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
-    lm = model.model.language_model
-    with torch.no_grad():  # a non-trivial D, dt_bias and gated-norm weight
-        for p in lm.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p) * 0.1)
+    lm = _tiny_lm(5, text_overrides, device, dtype)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
     if ON_GPU and not INTERPRETED and split_k == 1:
         fused = make_fused_block_step(lm)  # autotuned
@@ -188,12 +195,7 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
     if INTERPRETED and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
-    model = tiny_model(seed=11, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
-    lm = model.model.language_model
-    with torch.no_grad():  # non-trivial norm weights, biases, D and dt_bias
-        for p in lm.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)).to(p) * 0.1)
+    lm = _tiny_lm(11, text_overrides, device, dtype, offset=1)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
     configs = {"in_proj": dict(BLOCK_N=16, BLOCK_K=16, PREFETCH=False, num_stages=2),
                "out_proj": dict(BLOCK_K=16, PREFETCH=False, num_stages=2, **out_config)}
@@ -251,12 +253,7 @@ def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
-    model = tiny_model(seed=9, text_config=tiny_text_config(**text_overrides)).to(device, dtype)
-    lm = model.model.language_model
-    with torch.no_grad():  # a non-trivial D, dt_bias and gated-norm weight
-        for p in lm.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 2)).to(p) * 0.1)
+    lm = _tiny_lm(9, text_overrides, device, dtype, offset=2)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
                                                                                               BLOCK_K=16))
