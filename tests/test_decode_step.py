@@ -585,3 +585,29 @@ def test_an_eager_forward_on_a_fast_path_cache_settles_its_pending_steps():
     assert pending.pending == 0
     for mine, theirs in zip(cache.layers, reference_cache.layers):
         torch.testing.assert_close(mine.recurrent_states[0], theirs.recurrent_states[0], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_capture_puts_back_the_states_and_the_pending_steps_it_ran_over():
+    """Warm-up and capture run the decode step on a live cache; what `_capture` saves first (`_save`: the states, the
+    pending buffers and counts) `_restore` puts back, values and the host's count alike."""
+    model = tiny_model(seed=37)
+    lm = model.model.language_model
+    _, (cache, _) = _prefilled(model)
+    pending = _random_pending(lm, batch=2, K=16, n=3, seed=38)
+    cache._mlmamba_pending = pending
+    before = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in cache.layers]
+    buffers = [t.clone() for t in (pending.x, pending.dt, pending.b, pending.count)]
+    saved = DecodeGraphRunner._save(cache)
+    for layer in cache.layers:  # what running the step does to them
+        layer.conv_states[0].add_(1.0)
+        layer.recurrent_states[0].mul_(0.5)
+    for t in (pending.x, pending.dt, pending.b):
+        t.add_(1.0)
+    pending.count.add_(4)
+    pending.steps += 4
+    DecodeGraphRunner._restore(cache, saved)
+    for layer, (conv, ssm) in zip(cache.layers, before):
+        assert torch.equal(layer.conv_states[0], conv) and torch.equal(layer.recurrent_states[0], ssm)
+    assert all(torch.equal(a, b) for a, b in zip((pending.x, pending.dt, pending.b, pending.count), buffers))
+    assert pending.steps == 3

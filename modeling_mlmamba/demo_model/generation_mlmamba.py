@@ -1814,9 +1814,7 @@ class DecodeGraphRunner:
     def _capture(self, batch_size: int, cache: StaticCache) -> None:
         """Compile (on first use), warm up and capture the decode step over `cache`, whose states hold a live
         prefill: they are saved before and put back after, since warm-up and capture run the step."""
-        saved = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in cache.layers]
-        pending = getattr(cache, "_mlmamba_pending", None)
-        saved.append(pending.snapshot() if pending is not None else None)
+        saved = self._save(cache)
         try:
             try:
                 self._warm_up_and_capture(batch_size, cache)
@@ -1839,12 +1837,20 @@ class DecodeGraphRunner:
             self._restore(cache, saved)
 
     @staticmethod
-    def _restore(cache: StaticCache, saved: list) -> None:
-        for layer, (conv, ssm) in zip(cache.layers, saved):
+    def _save(cache: StaticCache) -> tuple:
+        """Copies of what running the decode step changes in `cache`: its states and its pending steps (if any)."""
+        pending = getattr(cache, "_mlmamba_pending", None)
+        return ([(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in cache.layers],
+                pending.snapshot() if pending is not None else None)
+
+    @staticmethod
+    def _restore(cache: StaticCache, saved: tuple) -> None:
+        states, pending = saved
+        for layer, (conv, ssm) in zip(cache.layers, states):
             layer.conv_states[0].copy_(conv)
             layer.recurrent_states[0].copy_(ssm)
-        if saved[-1] is not None:
-            cache._mlmamba_pending.restore(saved[-1])
+        if pending is not None:
+            cache._mlmamba_pending.restore(pending)
 
     def _warm_up_and_capture(self, batch_size: int, cache: StaticCache) -> None:
         static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=self.model.device)
