@@ -244,17 +244,23 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
     "text_overrides", [dict(), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
     ids=["released", "two-groups-bias-odd-head-dim"],
 )
+@pytest.mark.parametrize("variant", [{}, {"MLMAMBA_DEFER_FOLD_COLS": "8", "MLMAMBA_DEFER_B_LATE": "1"}],
+                         ids=["default", "sliced-write-back-late-B"])
 @torch.no_grad()
-def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides):
+def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides, variant,
+                                                                          monkeypatch):
     """`pending` (DeferredUpdates, K = 4): the SSM state is written back every K-th step only. Over 2K + 3 tokens in
     a row the outputs and conv states agree with the torch layer's at every token; the SSM state in memory stays
     as it was between write-backs and equals the torch layer's state after each K-th token; after the last token
-    `PendingSteps.fold` brings it to the torch layer's current state (3 steps pending)."""
+    `PendingSteps.fold` brings it to the torch layer's current state (3 steps pending). Also for the variant with
+    fewer registers (the write-back in slices of 8 state columns, the buffered B read late)."""
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"
     lm = _tiny_lm(9, text_overrides, device, dtype, offset=2)
     reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
+    for name, value in variant.items():  # read when the fused layer is made
+        monkeypatch.setenv(name, value)
     fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
                                                                                               BLOCK_K=16))
     weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, dtype, device,

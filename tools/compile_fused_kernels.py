@@ -106,12 +106,13 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
                     dict(num_warps=2)))
     for state in ("fp32", "bf16"):  # the state written back every 16 steps (DeferredUpdates)
-        out.append((f"SSM update, {state} state, deferred writes", "ssm_step_gate",
-                    dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
-                         pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32"),
-                    dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True,
-                         DEFER=16),
-                    dict(num_warps=2)))
+        for fold_cols, b_late in ((0, False), (32, False), (32, True)):
+            out.append((f"SSM update, {state} state, deferred writes", "ssm_step_gate",
+                        dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
+                             pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32"),
+                        dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True,
+                             LAUNCH_EARLY=True, DEFER=16, FOLD_COLS=fold_cols, B_LATE=b_late),
+                        dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
@@ -149,7 +150,7 @@ def main():
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
         shown = {k: v for k, v in constants.items()
-                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "DEFER"))}
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "DEFER", "FOLD", "B_LATE"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -163,7 +164,8 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "DEFER") if constants.get(k))
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "DEFER", "FOLD_COLS", "B_LATE")
+                             if constants.get(k))
             suffix += "_" + pointers["state_ptr"] if "state_ptr" in pointers else ""
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
     if failed:

@@ -479,6 +479,7 @@ def _fused_kernels(autotune: bool = True):
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
         pend_x_ptr=None, pend_dt_ptr=None, pend_b_ptr=None, count_ptr=None, stride_px_b=0, stride_px_k=0,
         stride_pdt_b=0, stride_pdt_k=0, stride_pb_b=0, stride_pb_k=0, DEFER: tl.constexpr = 0,
+        FOLD_COLS: tl.constexpr = 0, B_LATE: tl.constexpr = False,
     ):
         # DEFER = K > 0 (`DeferredUpdates`): the state in memory, h0, is the state of up to K - 1 steps ago; the steps
         # since (x, dt, B of each) wait in the pending buffers at slots 0 .. slot - 1, slot = count % K. The output
@@ -513,7 +514,9 @@ def _fused_kernels(autotune: bool = True):
             xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
                          other=0.0).to(tl.float32)
             dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
-            bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
+            if not B_LATE:
+                bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :],
+                             other=0.0).to(tl.float32)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
         _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
@@ -526,27 +529,52 @@ def _fused_kernels(autotune: bool = True):
             now = j == slot
             dts = tl.where(now, dt, tl.where(j < slot, dts, 0.0))  # zero for the slots after this step
             xs = tl.where(now[:, None], x[None, :], xs)
-            bs = tl.where(now[:, None], B[None, :], bs)
+            if B_LATE:  # the buffered B read now, in the layer's dtype, and reduced at once: fewer registers
+                bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :], other=0.0)
+                bc = tl.where(now, tl.sum(B * C, axis=0), tl.sum(bs.to(tl.float32) * C[None, :], axis=1))
+            else:
+                bs = tl.where(now[:, None], B[None, :], bs)
             a = A * dts
             # the decay from step j to now, exp(a_(j+1) + .. + a_slot), each sum formed from its own terms
             after = (j[None, :] > j[:, None]) & (j <= slot)[None, :]
             weights = tl.exp(tl.sum(tl.where(after, a[None, :], 0.0), axis=1)) * dts
             total = tl.exp(tl.sum(a, axis=0))  # the decay of h0 over all of them
             y = total * tl.sum(state * C[None, :], axis=1)
-            y += tl.sum(xs * (weights * tl.sum(bs * C[None, :], axis=1))[:, None], axis=0)
+            if B_LATE:
+                y += tl.sum(xs * (weights * bc)[:, None], axis=0)
+            else:
+                y += tl.sum(xs * (weights * tl.sum(bs * C[None, :], axis=1))[:, None], axis=0)
             # this step into its slot (x by each program for its channels, dt and B once per head / group)
             tl.store(pend_x + slot * stride_px_k + channel, x.to(pend_x_ptr.dtype.element_ty), mask=p_mask)
             tl.store(pend_dt + slot * stride_pdt_k + head, dt, mask=pid_p == 0)
             tl.store(pend_b + slot * stride_pb_k + n, B.to(pend_b_ptr.dtype.element_ty),
                      mask=n_mask & (pid_p == 0) & (head % heads_per_group == 0))
             if slot == DEFER - 1:  # the buffer is full: fold it into the state in memory
-                state = total * state + (dt * x)[:, None] * B[None, :]  # this step: decay 1
-                for k in range(0, DEFER - 1):
-                    w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
-                    x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
-                    b_k = tl.load(pend_b + k * stride_pb_k + n, mask=n_mask, other=0.0).to(tl.float32)
-                    state += (w_k * x_k)[:, None] * b_k[None, :]
-                tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+                if FOLD_COLS == 0:  # on the state tile held since the start
+                    state = total * state + (dt * x)[:, None] * B[None, :]  # this step: decay 1
+                    for k in range(0, DEFER - 1):
+                        w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
+                        x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
+                        b_k = tl.load(pend_b + k * stride_pb_k + n, mask=n_mask, other=0.0).to(tl.float32)
+                        state += (w_k * x_k)[:, None] * b_k[None, :]
+                    tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
+                else:  # FOLD_COLS state columns at a time, read again (from L2): fewer values live at once
+                    for c0 in tl.static_range(0, BLOCK_S, FOLD_COLS):
+                        cols = c0 + tl.arange(0, FOLD_COLS)
+                        c_mask = cols < state_size
+                        slice_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
+                                      + cols[None, :] * stride_s_n)
+                        slice_mask = p_mask[:, None] & c_mask[None, :]
+                        b_now = tl.load(proj + b_start + group * state_size + cols, mask=c_mask,
+                                        other=0.0).to(tl.float32)
+                        h = total * tl.load(slice_ptrs, mask=slice_mask, other=0.0).to(tl.float32)
+                        h += (dt * x)[:, None] * b_now[None, :]
+                        for k in range(0, DEFER - 1):
+                            w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
+                            x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
+                            b_k = tl.load(pend_b + k * stride_pb_k + cols, mask=c_mask, other=0.0).to(tl.float32)
+                            h += (w_k * x_k)[:, None] * b_k[None, :]
+                        tl.store(slice_ptrs, h.to(state_ptr.dtype.element_ty), mask=slice_mask)
         else:
             state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
             tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
@@ -893,6 +921,11 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
     block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
     ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
+    # deferred state writes, variants with fewer registers (not measured on a GPU yet; docs/benchmarks.md): the
+    # write-back MLMAMBA_DEFER_FOLD_COLS state columns at a time (a power of two; 0: the whole tile, the default),
+    # MLMAMBA_DEFER_B_LATE=1: the buffered B read after the wait and reduced at once
+    fold_cols = int(os.environ.get("MLMAMBA_DEFER_FOLD_COLS", "0"))
+    b_late = os.environ.get("MLMAMBA_DEFER_B_LATE", "0") == "1"
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -987,7 +1020,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             pend_x_ptr=pending.x, pend_dt_ptr=pending.dt, pend_b_ptr=pending.b, count_ptr=pending.count,
             stride_px_b=pending.x.stride(0), stride_px_k=pending.x.stride(1), stride_pdt_b=pending.dt.stride(0),
             stride_pdt_k=pending.dt.stride(1), stride_pb_b=pending.b.stride(0), stride_pb_k=pending.b.stride(1),
-            DEFER=pending.x.shape[1])
+            DEFER=pending.x.shape[1], FOLD_COLS=fold_cols, B_LATE=b_late)
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
             projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
@@ -1069,10 +1102,11 @@ def defer_state_writes(batch_size: int, state_dtype: torch.dtype, fused_max_batc
     SSM states back every `deferred_steps()` steps only: where MLMAMBA_DEFER_STEPS is not 0 and it was measured
     faster (docs/benchmarks.md, H100, ms per step): at batch 1 (float32 state 2.48 -> 2.32, bf16 2.43 -> 2.31) and
     at 2-16 with the float32 state (batch 8: 3.79 -> 3.61); not at 2-16 with the bf16 state (batch 8: 3.27 -> 3.47:
-    each program's reads of the buffered B cost more there than the halved state writes save)."""
+    each program's reads of the buffered B cost more there than the halved state writes save). MLMAMBA_DEFER_STEPS
+    set to a K > 1 defers at every batch size the fused layer runs (for measuring)."""
     if not 1 <= batch_size <= fused_max_batch or deferred_steps() == 0:
         return False
-    return batch_size == 1 or state_dtype == torch.float32
+    return batch_size == 1 or state_dtype == torch.float32 or "MLMAMBA_DEFER_STEPS" in os.environ
 
 
 class DeferredUpdates(NamedTuple):
