@@ -398,10 +398,22 @@ def _fused_kernels(autotune: bool = True):
                                                pack=1)
                 tl.store(base + 3, sm.to(tl.int64))
 
+    @triton.jit
+    def _add_buffered_steps(h, weights, j, pend_x, pend_b, channel, p_mask, cols, c_mask, stride_px_k, stride_pb_k,
+                            DEFER: tl.constexpr):
+        # the deferred write-back (ssm_step_gate, DEFER): h (channels x the state columns `cols`) plus each buffered
+        # step's dt_k x_k B_k^T, decayed to now (`weights`), for the steps in slots 0 .. K - 2
+        for k in range(0, DEFER - 1):
+            w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
+            x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
+            b_k = tl.load(pend_b + k * stride_pb_k + cols, mask=c_mask, other=0.0).to(tl.float32)
+            h += (w_k * x_k)[:, None] * b_k[None, :]
+        return h
+
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
     globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
-                     _wait_for_previous=_wait_for_previous, _trace=_trace)
+                     _wait_for_previous=_wait_for_previous, _trace=_trace, _add_buffered_steps=_add_buffered_steps)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -552,11 +564,8 @@ def _fused_kernels(autotune: bool = True):
             if slot == DEFER - 1:  # the buffer is full: fold it into the state in memory
                 if FOLD_COLS == 0:  # on the state tile held since the start
                     state = total * state + (dt * x)[:, None] * B[None, :]  # this step: decay 1
-                    for k in range(0, DEFER - 1):
-                        w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
-                        x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
-                        b_k = tl.load(pend_b + k * stride_pb_k + n, mask=n_mask, other=0.0).to(tl.float32)
-                        state += (w_k * x_k)[:, None] * b_k[None, :]
+                    state = _add_buffered_steps(state, weights, j, pend_x, pend_b, channel, p_mask, n, n_mask,
+                                                stride_px_k, stride_pb_k, DEFER)
                     tl.store(state_ptrs, state.to(state_ptr.dtype.element_ty), mask=mask)
                 else:  # FOLD_COLS state columns at a time, read again (from L2): fewer values live at once
                     for c0 in tl.static_range(0, BLOCK_S, FOLD_COLS):
@@ -569,11 +578,8 @@ def _fused_kernels(autotune: bool = True):
                                         other=0.0).to(tl.float32)
                         h = total * tl.load(slice_ptrs, mask=slice_mask, other=0.0).to(tl.float32)
                         h += (dt * x)[:, None] * b_now[None, :]
-                        for k in range(0, DEFER - 1):
-                            w_k = tl.sum(tl.where(j == k, weights, 0.0), axis=0)
-                            x_k = tl.load(pend_x + k * stride_px_k + channel, mask=p_mask, other=0.0).to(tl.float32)
-                            b_k = tl.load(pend_b + k * stride_pb_k + cols, mask=c_mask, other=0.0).to(tl.float32)
-                            h += (w_k * x_k)[:, None] * b_k[None, :]
+                        h = _add_buffered_steps(h, weights, j, pend_x, pend_b, channel, p_mask, cols, c_mask,
+                                                stride_px_k, stride_pb_k, DEFER)
                         tl.store(slice_ptrs, h.to(state_ptr.dtype.element_ty), mask=slice_mask)
         else:
             state = state * tl.exp(A * dt) + (B * dt)[None, :] * x[:, None]
