@@ -55,6 +55,10 @@ TEXT_TOKENS = 20  # the question after the image (SPEC §8: "image + 20-token pr
 PREFILL_TOKENS = 800
 
 
+# --ssm-state-dtype → the key of ML-Mamba's figures in the JSON
+STATE_KEYS = {"auto": "mlmamba", "float32": "mlmamba_float32_state", "bfloat16": "mlmamba_bf16_state"}
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="mlmamba,llava", help="comma-separated: mlmamba, llava")
@@ -66,8 +70,9 @@ def parse_args():
     p.add_argument("--long-tokens", type=int, default=4096, help="the batch-8 long generation")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of the short figures (median)")
     p.add_argument("--skip-torch-path", action="store_true", help="skip ML-Mamba's plain generate() reference")
-    p.add_argument("--ssm-state-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="ML-Mamba's config.ssm_state_dtype; a non-default one is stored as model 'mlmamba_bf16_state'")
+    p.add_argument("--ssm-state-dtype", default="auto", choices=list(STATE_KEYS),
+                   help="ML-Mamba's config.ssm_state_dtype (auto: the LM's dtype, bf16 here); a non-default one is "
+                        "stored as model 'mlmamba_float32_state' / 'mlmamba_bf16_state'")
     return p.parse_args()
 
 
@@ -450,10 +455,13 @@ def ratios(result: dict) -> dict:
         out["mlmamba_decode_b1_over_floor"] = m["decode_b1_ms_per_token"] / floor_ms
     if l and (l.get("copy_bandwidth_Bps") or bw):
         out["llava_floor_ms"] = 1e3 * l["floor_bytes_b1"]["total_bytes"] / (l.get("copy_bandwidth_Bps") or bw)
-    v = result["models"].get("mlmamba_bf16_state")
-    if v and l and "error" not in v:
-        out["bf16_state_e2e_tokens_per_s_ratio"] = v["e2e_new_tokens_per_s"] / l["e2e_new_tokens_per_s"]
-        out["bf16_state_b8_long_tokens_per_s_ratio"] = v["b8_long_new_tokens_per_s"] / l["b8_long_new_tokens_per_s"]
+    for key in STATE_KEYS.values():  # ML-Mamba with a state dtype set explicitly (--ssm-state-dtype, --merge)
+        v = result["models"].get(key)
+        if key != "mlmamba" and v and l and "error" not in v:
+            prefix = key.removeprefix("mlmamba_")
+            out[f"{prefix}_e2e_tokens_per_s_ratio"] = v["e2e_new_tokens_per_s"] / l["e2e_new_tokens_per_s"]
+            out[f"{prefix}_b8_long_tokens_per_s_ratio"] = (v["b8_long_new_tokens_per_s"]
+                                                           / l["b8_long_new_tokens_per_s"])
     if m and l:
         out["e2e_tokens_per_s_ratio"] = m["e2e_new_tokens_per_s"] / l["e2e_new_tokens_per_s"]
         out["b8_long_tokens_per_s_ratio"] = m["b8_long_new_tokens_per_s"] / l["b8_long_new_tokens_per_s"]
@@ -464,7 +472,8 @@ def ratios(result: dict) -> dict:
 
 def table(result: dict) -> str:
     m, l = result["models"].get("mlmamba", {}), result["models"].get("llava", {})
-    v = result["models"].get("mlmamba_bf16_state")
+    columns = [(f"ML-Mamba, {key.removeprefix('mlmamba_').replace('_', ' ')}", result["models"][key])
+               for key in STATE_KEYS.values() if key != "mlmamba" and key in result["models"]]
     rows = [
         ("end to end, b1, image → N new tokens (s)", "e2e_s", "{:.3f}"),
         ("end to end, new tokens/s", "e2e_new_tokens_per_s", "{:.0f}"),
@@ -490,13 +499,9 @@ def table(result: dict) -> str:
         v = d.get(key)
         return f.format(v) if isinstance(v, (int, float)) else "–"
 
-    if v is None:
-        lines = ["| figure | ML-Mamba (fast path) | LLaVA, Phi-2 LM (static, compiled) |", "|---|---:|---:|"]
-        lines += [f"| {label} | {fmt(m, key, f)} | {fmt(l, key, f)} |" for label, key, f in rows]
-    else:
-        lines = ["| figure | ML-Mamba (fast path) | ML-Mamba, bf16 SSM state | LLaVA, Phi-2 LM (static, compiled) |",
-                 "|---|---:|---:|---:|"]
-        lines += [f"| {label} | {fmt(m, key, f)} | {fmt(v, key, f)} | {fmt(l, key, f)} |" for label, key, f in rows]
+    models = [("ML-Mamba (fast path)", m), *columns, ("LLaVA, Phi-2 LM (static, compiled)", l)]
+    lines = ["| figure | " + " | ".join(name for name, _ in models) + " |", "|---|" + "---:|" * len(models)]
+    lines += [f"| {label} | " + " | ".join(fmt(d, key, f) for _, d in models) + " |" for label, key, f in rows]
     rt = result.get("ratios", {})
     if result.get("copy_bandwidth_Bps"):
         lines.append(f"\ncopy bandwidth {result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s (read + write)")
@@ -529,7 +534,7 @@ def main():
     log(f"device {result['device']}; versions {result['versions']}; copy bandwidth "
         f"{(bw or 0) / 1e12:.2f} TB/s")
     for name in args.models.split(","):
-        key = "mlmamba_bf16_state" if name == "mlmamba" and args.ssm_state_dtype == "bfloat16" else name
+        key = STATE_KEYS[args.ssm_state_dtype] if name == "mlmamba" else name
         try:
             result["models"][key] = run_model(name, args, log)
             result["models"][key].update(copy_bandwidth_Bps=bw, command=result["command"])

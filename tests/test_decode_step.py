@@ -172,6 +172,23 @@ def test_bfloat16_ssm_state_decodes_like_a_float32_state_rounded_after_every_tok
     assert runner.cache_for(2).layers[0].recurrent_states[0].dtype == torch.float32
 
 
+@torch.no_grad()
+def test_ssm_state_dtype_follows_the_language_model_by_default():
+    """config.ssm_state_dtype defaults to "auto": the fast path's SSM state in the LM's dtype, as mamba_ssm's Mamba-2
+    allocates it (in_proj's dtype) and so the original code decodes a bf16 model; "float32" keeps it in float32
+    whatever the model's dtype."""
+    model = tiny_model(seed=26)
+    assert model.config.ssm_state_dtype == "auto"
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)
+    assert runner.cache_for(1).layers[0].recurrent_states[0].dtype == torch.float32
+    model.to(torch.bfloat16)
+    runner = DecodeGraphRunner(model, MLMambaCausalLMOutput, compile_mode=None)
+    assert {layer.recurrent_states[0].dtype for layer in runner.cache_for(1).layers} == {torch.bfloat16}
+    assert {layer.conv_states[0].dtype for layer in runner.cache_for(1).layers} == {torch.bfloat16}
+    model.config.ssm_state_dtype = "float32"
+    assert {layer.recurrent_states[0].dtype for layer in runner.cache_for(1).layers} == {torch.float32}
+
+
 def test_ssm_state_dtype_is_checked():
     from modeling_mlmamba import MLMambaConfig
 

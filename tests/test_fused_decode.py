@@ -244,16 +244,21 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
     "text_overrides", [dict(), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
     ids=["released", "two-groups-bias-odd-head-dim"],
 )
-@pytest.mark.parametrize("variant", [{}, {"MLMAMBA_DEFER_FOLD_COLS": "8", "MLMAMBA_DEFER_B_LATE": "1"}],
-                         ids=["default", "sliced-write-back-late-B"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"MLMAMBA_DEFER_FOLD_COLS": "8", "MLMAMBA_DEFER_B_LATE": "1"},
+     {"MLMAMBA_DEFER_FOLD_COLS": "0", "MLMAMBA_DEFER_B_LATE": "0"}],
+    ids=["default", "sliced-write-back-late-B", "whole-tile-write-back"],
+)
 @torch.no_grad()
 def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides, variant,
                                                                           monkeypatch):
     """`pending` (DeferredUpdates, K = 4): the SSM state is written back every K-th step only. Over 2K + 3 tokens in
     a row the outputs and conv states agree with the torch layer's at every token; the SSM state in memory stays
     as it was between write-backs and equals the torch layer's state after each K-th token; after the last token
-    `PendingSteps.fold` brings it to the torch layer's current state (3 steps pending). Also for the variant with
-    fewer registers (the write-back in slices of 8 state columns, the buffered B read late)."""
+    `PendingSteps.fold` brings it to the torch layer's current state (3 steps pending). By default the write-back
+    is on the whole state tile at batch 1 and in column slices with the buffered B read late at 2-16; also each of
+    the two at every batch size (slices of 8 state columns here)."""
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"

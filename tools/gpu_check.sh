@@ -15,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG"
 if [ "$SELECT" != "none" ]; then
-  timeout "$TEST_T" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_path.py tests/test_fused_decode.py \
+  timeout "$TEST_T" python3 -m pytest -p no:cacheprovider tests/test_gpu_fast_path.py tests/test_fused_decode.py \
     -k "$SELECT" -v -rfE --tb=short 2>&1 | tee "$OUT/pytest.txt" | grep -v " PASSED" | tail -60 | tee -a "$LOG"
   echo "$(grep -c " PASSED" "$OUT/pytest.txt") passed (each test's line: $OUT/pytest.txt)" | tee -a "$LOG"
 fi

@@ -26,7 +26,7 @@ AUTO_MAP = {
 SUPPORTED_VISION_MODEL_TYPES = ("dinov2_with_registers", "dinov2", "siglip_vision_model", "clip_vision_model")
 SUPPORTED_TEXT_MODEL_TYPES = ("mamba2", "mamba")
 CONNECTOR_TYPES = ("mlp", "msc_basic", "msc")
-SSM_STATE_DTYPES = ("float32", "bfloat16", "float16")
+SSM_STATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCAN_TYPES = ("bsm", "csm")
 
 # The released model: DINOv2 ViT-L/14 with 4 registers + SigLIP SO400M/14, both at 384 px, their last block unused.
@@ -129,11 +129,12 @@ class MLMambaConfig(PretrainedConfig):
             Shape of the MSC's Mamba-2 mixers. Default: borrowed from a Mamba-2 LM (expand 2, head dim 64,
             state 128, 1 group, conv 4, chunk 256, eps 1e-5).
         image_token_id (`int`, *optional*, defaults to 50277): the `<image>` placeholder id.
-        ssm_state_dtype (`str`, *optional*, defaults to `"float32"`):
+        ssm_state_dtype (`str`, *optional*, defaults to `"auto"`):
             dtype of the SSM state that the GPU fast path (`generate(..., cache_implementation="static")`) decodes
-            on: `"float32"` (what the prefill hands over; decodes token for token like the plain path) or
-            `"bfloat16"` / `"float16"` (the original code's choice: half the state's bytes per step, which is most
-            of a large batch's traffic; the state is rounded after each token).
+            on. `"auto"`: the language model's dtype, as mamba_ssm's Mamba-2 and the original ML-Mamba code keep it
+            (bf16 for a bf16 model: half the state's bytes per step, which is most of a large batch's traffic; the
+            state is rounded after each token). `"float32"`: the dtype the prefill hands over, whatever the model's;
+            decodes token for token like transformers' plain path. `"bfloat16"` / `"float16"`: that dtype.
     """
 
     model_type = "mlmamba"
@@ -158,7 +159,7 @@ class MLMambaConfig(PretrainedConfig):
         connector_chunk_size: int | None = None,
         connector_layer_norm_epsilon: float = 1e-5,
         image_token_id: int = 50277,
-        ssm_state_dtype: str = "float32",
+        ssm_state_dtype: str = "auto",
         tie_word_embeddings: bool | None = None,
         **kwargs,
     ):

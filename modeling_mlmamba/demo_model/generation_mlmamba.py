@@ -33,7 +33,8 @@ prefill is instead captured, when a batch size's cache is allocated, for chunks 
 continuing the cache's states as transformers' Mamba-2 continues a cache (chunked prefill), and every prompt, its
 first time included, is a few of those replays (`prefill_chunks`).
 
-`config.ssm_state_dtype` sets the dtype of the decode state (float32 by default; bfloat16 as the original code).
+`config.ssm_state_dtype` sets the dtype of the decode state: by default ("auto") the LM's, as the original code and
+mamba_ssm keep it (bf16 for a bf16 model); "float32" to decode token for token like transformers' plain path.
 
 Nothing here runs on CPU by default: without CUDA, `generate()` takes transformers' ordinary path (the step function
 itself runs anywhere and is tested on CPU against transformers' Mamba-2).
@@ -927,11 +928,20 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
     block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
     ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
-    # deferred state writes, variants with fewer registers (not measured on a GPU yet; docs/benchmarks.md): the
-    # write-back MLMAMBA_DEFER_FOLD_COLS state columns at a time (a power of two; 0: the whole tile, the default),
-    # MLMAMBA_DEFER_B_LATE=1: the buffered B read after the wait and reduced at once
-    fold_cols = int(os.environ.get("MLMAMBA_DEFER_FOLD_COLS", "0"))
-    b_late = os.environ.get("MLMAMBA_DEFER_B_LATE", "0") == "1"
+    # deferred state writes (`pending`) at 2-16 rows: the variant with fewer registers (127 instead of 160-168 per
+    # thread, so that more SSM programs fit beside in_proj's): the write-back DEFER_FOLD_COLS state columns at a time
+    # (read again from L2) and the buffered B read after the wait and reduced at once; measured on an H100 at batch
+    # 8, float32 state, ms per step: 3.53 against 3.63 for the whole tile (docs/benchmarks.md); at batch 1 the whole
+    # tile is faster (2.32 against 2.40). MLMAMBA_DEFER_FOLD_COLS (a power of two; 0: the whole tile) and
+    # MLMAMBA_DEFER_B_LATE (0 / 1), where set, choose for every batch size (experiments)
+    fold_cols_env = os.environ.get("MLMAMBA_DEFER_FOLD_COLS")
+    b_late_env = os.environ.get("MLMAMBA_DEFER_B_LATE")
+    block_s = triton.next_power_of_2(s.state)
+
+    def defer_variant(batch: int) -> dict:
+        fold_cols = int(fold_cols_env) if fold_cols_env is not None else (0 if batch == 1 else DEFER_FOLD_COLS)
+        b_late = b_late_env == "1" if b_late_env is not None else batch > 1
+        return dict(FOLD_COLS=min(fold_cols, block_s), B_LATE=b_late)
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
@@ -1026,7 +1036,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             pend_x_ptr=pending.x, pend_dt_ptr=pending.dt, pend_b_ptr=pending.b, count_ptr=pending.count,
             stride_px_b=pending.x.stride(0), stride_px_k=pending.x.stride(1), stride_pdt_b=pending.dt.stride(0),
             stride_pdt_k=pending.dt.stride(1), stride_pb_b=pending.b.stride(0), stride_pb_k=pending.b.stride(1),
-            DEFER=pending.x.shape[1], FOLD_COLS=fold_cols, B_LATE=b_late)
+            DEFER=pending.x.shape[1], **defer_variant(batch))
         ssm_step_gate[(blocks_per_head, s.heads, batch)](
             projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
@@ -1034,7 +1044,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=triton.next_power_of_2(s.state), num_warps=ssm_warps, **pdl,
+            BLOCK_S=block_s, num_warps=ssm_warps, **pdl,
             **(trace_args(out.device) if batch > 1 else {}), **deferred,
         )
         n_out, k_out = out_w.shape
@@ -1088,6 +1098,7 @@ class ChainedInput(NamedTuple):
 
 
 DEFERRED_STEPS = 16  # the fused layer writes the SSM state back every this many decode steps (MLMAMBA_DEFER_STEPS)
+DEFER_FOLD_COLS = 32  # at 2-16 rows, the deferred write-back folds this many state columns at a time
 
 
 def deferred_steps() -> int:
@@ -1792,7 +1803,10 @@ class DecodeGraphRunner:
     # ---- the cache --------------------------------------------------------------------------------------------
     @property
     def state_dtype(self) -> torch.dtype:
-        return getattr(torch, getattr(self.model.config, "ssm_state_dtype", None) or "float32")
+        """The SSM state's dtype: config.ssm_state_dtype, "auto" (or unset) meaning the LM's own dtype (as mamba_ssm's
+        Mamba-2 and the original code allocate it)."""
+        name = getattr(self.model.config, "ssm_state_dtype", None) or "auto"
+        return self.model.lm_head.weight.dtype if name == "auto" else getattr(torch, name)
 
     def cache_for(self, batch_size: int) -> StaticCache:
         """The cache for `batch_size` rows: allocated on first use, then reset and reused, so that its conv / SSM
@@ -1834,8 +1848,8 @@ class DecodeGraphRunner:
         num_heads, head_dim, state = text_config.num_heads, text_config.head_dim, text_config.state_size
         conv_dim = int(text_config.expand * text_config.hidden_size) + 2 * text_config.n_groups * state
         for layer in cache.layers:
-            # conv state in the activations' dtype; SSM state in config.ssm_state_dtype (float32 by default: what the
-            # chunked scan hands over; the prefill's final state is cast into it)
+            # conv state in the activations' dtype; SSM state in config.ssm_state_dtype (the LM's dtype by default;
+            # the prefill's final state, float32 from the chunked scan, is cast into it)
             layer.lazy_initialization(
                 conv_states=torch.zeros(batch_size, conv_dim, text_config.conv_kernel, device=device, dtype=dtype),
                 recurrent_states=torch.zeros(
