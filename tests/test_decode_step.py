@@ -563,29 +563,25 @@ def test_pending_steps_fold_equals_the_recurrence_step_by_step(text_overrides):
 
 def test_deferred_steps_follow_the_environment(monkeypatch):
     monkeypatch.delenv("MLMAMBA_DEFER_STEPS", raising=False)
-    assert deferred_steps() == 16
+    assert deferred_steps(1) == 16 and deferred_steps(2) == deferred_steps(16) == 8
     for value, expected in (("0", 0), ("1", 0), ("8", 8), ("32", 32)):
         monkeypatch.setenv("MLMAMBA_DEFER_STEPS", value)
-        assert deferred_steps() == expected
+        assert deferred_steps(1) == deferred_steps(8) == expected
     for value in ("12", "many"):
         monkeypatch.setenv("MLMAMBA_DEFER_STEPS", value)
         with pytest.raises(ValueError, match="MLMAMBA_DEFER_STEPS must be a power of two"):
             deferred_steps()
 
 
-def test_state_writes_are_deferred_where_measured_faster(monkeypatch):
-    """Batch 1 with either state dtype and 2-16 rows with the float32 state defer their writes; 2-16 rows with the
-    bf16 state (unless MLMAMBA_DEFER_STEPS is set), batches past the fused layer's and MLMAMBA_DEFER_STEPS=0 do
-    not."""
+def test_state_writes_are_deferred_wherever_the_fused_layer_runs(monkeypatch):
+    """Batches 1 to the fused layer's largest defer their writes; larger batches (the compiled layer) and
+    MLMAMBA_DEFER_STEPS=0 do not."""
     monkeypatch.delenv("MLMAMBA_DEFER_STEPS", raising=False)
-    assert defer_state_writes(1, torch.float32, 16) and defer_state_writes(1, torch.bfloat16, 1)
-    assert defer_state_writes(8, torch.float32, 16) and defer_state_writes(16, torch.float32, 16)
-    assert not defer_state_writes(8, torch.bfloat16, 16)
-    assert not defer_state_writes(8, torch.float32, 1) and not defer_state_writes(17, torch.float32, 16)
-    monkeypatch.setenv("MLMAMBA_DEFER_STEPS", "16")  # set explicitly: wherever the fused layer runs
-    assert defer_state_writes(8, torch.bfloat16, 16) and not defer_state_writes(8, torch.bfloat16, 1)
+    assert defer_state_writes(1, 1) and defer_state_writes(1, 16)
+    assert defer_state_writes(8, 16) and defer_state_writes(16, 16)
+    assert not defer_state_writes(8, 1) and not defer_state_writes(17, 16)
     monkeypatch.setenv("MLMAMBA_DEFER_STEPS", "0")
-    assert not defer_state_writes(1, torch.float32, 16)
+    assert not defer_state_writes(1, 16) and not defer_state_writes(8, 16)
 
 
 @torch.no_grad()

@@ -1097,14 +1097,18 @@ class ChainedInput(NamedTuple):
     squares: torch.Tensor
 
 
-DEFERRED_STEPS = 16  # the fused layer writes the SSM state back every this many decode steps (MLMAMBA_DEFER_STEPS)
+# the fused layer writes the SSM state back every this many decode steps (MLMAMBA_DEFER_STEPS): measured on an H100
+# (docs/benchmarks.md, ms per step): batch 1, K = 16: float32 state 2.48 -> 2.32, bf16 2.43 -> 2.31 (K = 8: 2.33);
+# batch 8, K = 8 with the write-back in column slices: float32 3.79 -> 3.45, bf16 3.28 -> 3.25 (K = 16: 3.53 / 3.46)
+DEFERRED_STEPS = {"one": 16, "rows": 8}
 DEFER_FOLD_COLS = 32  # at 2-16 rows, the deferred write-back folds this many state columns at a time
 
 
-def deferred_steps() -> int:
-    """K, the number of decode steps after which the fast path's fused layer writes the SSM state back to memory
-    (`DeferredUpdates`): MLMAMBA_DEFER_STEPS, DEFERRED_STEPS (16) by default, 0 or 1 to write it every step."""
-    value = os.environ.get("MLMAMBA_DEFER_STEPS", str(DEFERRED_STEPS))
+def deferred_steps(batch_size: int = 1) -> int:
+    """K, the number of decode steps after which the fast path's fused layer writes the SSM states of `batch_size`
+    sequences back to memory (`DeferredUpdates`): MLMAMBA_DEFER_STEPS where set (0 or 1: every step), else
+    DEFERRED_STEPS (16 at batch 1, 8 at 2-16)."""
+    value = os.environ.get("MLMAMBA_DEFER_STEPS", str(DEFERRED_STEPS["one" if batch_size == 1 else "rows"]))
     try:
         steps = int(value)
     except ValueError:
@@ -1114,16 +1118,11 @@ def deferred_steps() -> int:
     return steps if steps > 1 else 0
 
 
-def defer_state_writes(batch_size: int, state_dtype: torch.dtype, fused_max_batch: int) -> bool:
+def defer_state_writes(batch_size: int, fused_max_batch: int) -> bool:
     """Whether the fused layer's decode step of `batch_size` sequences (it runs up to `fused_max_batch`) writes the
-    SSM states back every `deferred_steps()` steps only: where MLMAMBA_DEFER_STEPS is not 0 and it was measured
-    faster (docs/benchmarks.md, H100, ms per step): at batch 1 (float32 state 2.48 -> 2.32, bf16 2.43 -> 2.31) and
-    at 2-16 with the float32 state (batch 8: 3.79 -> 3.61); not at 2-16 with the bf16 state (batch 8: 3.27 -> 3.47:
-    each program's reads of the buffered B cost more there than the halved state writes save). MLMAMBA_DEFER_STEPS
-    set to a K > 1 defers at every batch size the fused layer runs (for measuring)."""
-    if not 1 <= batch_size <= fused_max_batch or deferred_steps() == 0:
-        return False
-    return batch_size == 1 or state_dtype == torch.float32 or "MLMAMBA_DEFER_STEPS" in os.environ
+    SSM states back every `deferred_steps(batch_size)` steps only: wherever the fused layer runs (measured faster
+    there with either state dtype: see DEFERRED_STEPS), unless MLMAMBA_DEFER_STEPS=0."""
+    return 1 <= batch_size <= fused_max_batch and deferred_steps(batch_size) > 0
 
 
 class DeferredUpdates(NamedTuple):
@@ -1838,7 +1837,7 @@ class DecodeGraphRunner:
         """Whether the decode step of `batch_size` sequences writes the SSM states back every K steps only
         (`DeferredUpdates`): see `defer_state_writes`; on CUDA, where the fused layer runs."""
         return (self.model.device.type == "cuda"
-                and defer_state_writes(batch_size, self.state_dtype, self.fused_max_batch)
+                and defer_state_writes(batch_size, self.fused_max_batch)
                 and self._fused_fn() is not None)
 
     def _allocate(self, batch_size: int) -> StaticCache:
@@ -1858,8 +1857,8 @@ class DecodeGraphRunner:
             )
         if self.defers_state_writes(batch_size):
             cache._mlmamba_pending = PendingSteps(
-                len(cache.layers), batch_size, deferred_steps(), _block_shape(self.model.model.language_model), dtype,
-                device)
+                len(cache.layers), batch_size, deferred_steps(batch_size), _block_shape(self.model.model.language_model),
+                dtype, device)
         cache._mlmamba_defer_stop_check = True  # see allow_deferred_stop_checks
         cache._mlmamba_runner = self  # MLMambaModel.forward finds the prefill graphs through the cache
         return cache
