@@ -10,9 +10,9 @@ H100 with transformers' plain `generate()`). The step is therefore
       At batch 1, and at 2-16 where TUNED_CONFIGS has their launch configurations (Triton on CUDA), a layer is
       instead three fused Triton kernels (`make_fused_block_step`: the norms folded into the two products, the conv
       update in in_proj's epilogue, the SSM update with the gate), which overlap through programmatic dependent
-      launch on Hopper; where measured faster (batch 1; 2-16 with the float32 state) the fused SSM update writes
-      the state back every 16 steps only, keeping the steps in between in small buffers (`DeferredUpdates`), and
-      the cache is settled (`DecodeGraphRunner.settle`) before anything else reads it;
+      launch on Hopper; the fused SSM update writes the state back every K steps only (16 at batch 1, 8 at 2-16),
+      keeping the steps in between in small buffers (`DeferredUpdates`), and the cache is settled
+      (`DecodeGraphRunner.settle`) before anything else reads it;
   (2) captured once per batch size in a `torch.cuda.CUDAGraph` over preallocated conv / SSM states, then replayed:
       one launch per token;
   (3) not waited for: `generate()` normally reads its stop flag on the host after every token; for these caches it

@@ -105,13 +105,16 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                     dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
                     dict(num_warps=2)))
-    for state in ("fp32", "bf16"):  # the state written back every 16 steps (DeferredUpdates)
-        for fold_cols, b_late in ((0, False), (32, False), (32, True)):
-            out.append((f"SSM update, {state} state, deferred writes", "ssm_step_gate",
+    # the state written back every K steps (DeferredUpdates), as the fused layer launches it: 1 sequence K = 16 on
+    # the whole state tile; 2-16 sequences K = 8 in 32-column slices with the buffered B read late
+    deferred = (("1 sequence", 16, 0, False), ("2-16 sequences", 8, 32, True))
+    for state in ("fp32", "bf16"):
+        for rows, steps, fold_cols, b_late in deferred:
+            out.append((f"SSM update, {state} state, deferred writes, {rows}", "ssm_step_gate",
                         dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
                              pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32"),
                         dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True,
-                             LAUNCH_EARLY=True, DEFER=16, FOLD_COLS=fold_cols, B_LATE=b_late),
+                             LAUNCH_EARLY=True, DEFER=steps, FOLD_COLS=fold_cols, B_LATE=b_late),
                         dict(num_warps=2)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
