@@ -928,12 +928,12 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
     block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
     ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
-    # deferred state writes (`pending`) at 2-16 rows: the variant with fewer registers (127 instead of 160-168 per
-    # thread, so that more SSM programs fit beside in_proj's): the write-back DEFER_FOLD_COLS state columns at a time
-    # (read again from L2) and the buffered B read after the wait and reduced at once; measured on an H100 at batch
-    # 8, float32 state, ms per step: 3.53 against 3.63 for the whole tile (docs/benchmarks.md); at batch 1 the whole
-    # tile is faster (2.32 against 2.40). MLMAMBA_DEFER_FOLD_COLS (a power of two; 0: the whole tile) and
-    # MLMAMBA_DEFER_B_LATE (0 / 1), where set, choose for every batch size (experiments)
+    # deferred state writes (`pending`) at 2-16 rows: the variant with fewer registers (at K = 16: 127 instead of
+    # 160-168 per thread, so that more SSM programs fit beside in_proj's): the write-back DEFER_FOLD_COLS state
+    # columns at a time (read again from L2) and the buffered B read after the wait and reduced at once; measured on
+    # an H100 at batch 8, K = 16, ms per step: float32 state 3.53 against 3.63 for the whole tile, bf16 3.40 against
+    # 3.46 (docs/benchmarks.md); at batch 1 the whole tile is faster (2.32 against 2.40). MLMAMBA_DEFER_FOLD_COLS (a
+    # power of two; 0: the whole tile) and MLMAMBA_DEFER_B_LATE (0 / 1), where set, choose for every batch size
     fold_cols_env = os.environ.get("MLMAMBA_DEFER_FOLD_COLS")
     b_late_env = os.environ.get("MLMAMBA_DEFER_B_LATE")
     block_s = triton.next_power_of_2(s.state)
