@@ -124,6 +124,18 @@ def test_fused_layer_refuses_a_batch_it_does_not_take():
         fused(residual, chained, conv_state, ssm_state, *weights)
 
 
+@pytest.mark.parametrize("name,value,message", [
+    ("MLMAMBA_DEFER_FOLD_COLS", "24", "MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got '24'"),
+    ("MLMAMBA_DEFER_FOLD_COLS", "-8", "MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got '-8'"),
+    ("MLMAMBA_DEFER_B_LATE", "yes", "MLMAMBA_DEFER_B_LATE must be 0 or 1, got 'yes'"),
+])
+def test_fused_layer_checks_its_write_back_settings(name, value, message, monkeypatch):
+    monkeypatch.setenv(name, value)
+    lm = tiny_model(seed=5).model.language_model
+    with pytest.raises(ValueError, match=message):
+        make_fused_block_step(lm, kernels=_fused_kernels(autotune=False))
+
+
 @pytest.mark.parametrize("prefetch", [True, False], ids=["next-tile-in-flight", "software-pipelined"])
 @pytest.mark.parametrize("batch", [1, 2])
 @torch.no_grad()

@@ -936,6 +936,11 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # power of two; 0: the whole tile) and MLMAMBA_DEFER_B_LATE (0 / 1), where set, choose for every batch size
     fold_cols_env = os.environ.get("MLMAMBA_DEFER_FOLD_COLS")
     b_late_env = os.environ.get("MLMAMBA_DEFER_B_LATE")
+    if fold_cols_env is not None and not (fold_cols_env.isdigit()
+                                          and int(fold_cols_env) & (int(fold_cols_env) - 1) == 0):
+        raise ValueError(f"MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got {fold_cols_env!r}")
+    if b_late_env not in (None, "0", "1"):
+        raise ValueError(f"MLMAMBA_DEFER_B_LATE must be 0 or 1, got {b_late_env!r}")
     block_s = triton.next_power_of_2(s.state)
 
     def defer_variant(batch: int) -> dict:
