@@ -225,7 +225,7 @@ def decode_variants(model, batches: list[int], variants: list[str], env_sets: li
     os.environ.pop("MLMAMBA_PDL", None)
     os.environ.pop("MLMAMBA_PDL_EARLY", None)
     os.environ.pop("MLMAMBA_FUSED_DECODE_MAX_BATCH", None)
-    model.config.ssm_state_dtype = "float32"
+    model.config.ssm_state_dtype = "auto"  # the default
 
 
 def step_kernels(model, batch: int = 1, state_dtype: str = "float32"):
@@ -260,7 +260,7 @@ def step_kernels(model, batch: int = 1, state_dtype: str = "float32"):
             for t, c in timings[:6]:  # the autotuner's own timings (one kernel at a time, L2 flushed)
                 print(f"    {t * 1e3:8.1f} µs  {c}")
     os.environ.pop("MLMAMBA_PDL")
-    model.config.ssm_state_dtype = "float32"
+    model.config.ssm_state_dtype = "auto"  # the default
     runner.release(keep=())
     print(f"\n===== kernels of one decode step, batch {batch}, {state_dtype} state (64 layers, launched one by one)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90))
@@ -667,7 +667,7 @@ def timeline(model, batches: list[int], state_dtypes: list[str], env_sets: list[
         finally:
             for key in [*env, "MLMAMBA_TRACE"]:
                 os.environ.pop(key, None)
-            model.config.ssm_state_dtype = "float32"
+            model.config.ssm_state_dtype = "auto"  # the default
 
 
 def _timeline(model, batches: list[int], state_dtypes: list[str]):

@@ -1105,15 +1105,15 @@ class ChainedInput(NamedTuple):
 # the fused layer writes the SSM state back every this many decode steps (MLMAMBA_DEFER_STEPS): measured on an H100
 # (docs/benchmarks.md, ms per step): batch 1, K = 16: float32 state 2.48 -> 2.32, bf16 2.43 -> 2.31 (K = 8: 2.33);
 # batch 8, K = 8 with the write-back in column slices: float32 3.79 -> 3.45, bf16 3.28 -> 3.25 (K = 16: 3.53 / 3.46)
-DEFERRED_STEPS = {"one": 16, "rows": 8}
+DEFERRED_STEPS, DEFERRED_STEPS_ROWS = 16, 8  # at batch 1, at 2-16
 DEFER_FOLD_COLS = 32  # at 2-16 rows, the deferred write-back folds this many state columns at a time
 
 
-def deferred_steps(batch_size: int = 1) -> int:
+def deferred_steps(batch_size: int) -> int:
     """K, the number of decode steps after which the fast path's fused layer writes the SSM states of `batch_size`
     sequences back to memory (`DeferredUpdates`): MLMAMBA_DEFER_STEPS where set (0 or 1: every step), else
-    DEFERRED_STEPS (16 at batch 1, 8 at 2-16)."""
-    value = os.environ.get("MLMAMBA_DEFER_STEPS", str(DEFERRED_STEPS["one" if batch_size == 1 else "rows"]))
+    DEFERRED_STEPS (16) at batch 1, DEFERRED_STEPS_ROWS (8) at 2-16."""
+    value = os.environ.get("MLMAMBA_DEFER_STEPS", str(DEFERRED_STEPS if batch_size == 1 else DEFERRED_STEPS_ROWS))
     try:
         steps = int(value)
     except ValueError:

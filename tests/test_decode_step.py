@@ -570,7 +570,7 @@ def test_deferred_steps_follow_the_environment(monkeypatch):
     for value in ("12", "many"):
         monkeypatch.setenv("MLMAMBA_DEFER_STEPS", value)
         with pytest.raises(ValueError, match="MLMAMBA_DEFER_STEPS must be a power of two"):
-            deferred_steps()
+            deferred_steps(1)
 
 
 def test_state_writes_are_deferred_wherever_the_fused_layer_runs(monkeypatch):
