@@ -482,51 +482,62 @@ def _fused_kernels(autotune: bool = True):
         tl.store(out_ptr + rows, val.to(out_ptr.dtype.element_ty), mask=row_mask)
 
     @triton.jit
-    def _ssm_early(A_log_ptr, gated_w_ptr, dt_bias_ptr, pend_x_ptr, pend_dt_ptr, pend_b_ptr, head, batch, group,
-                   channel, p_mask, n, n_mask, state_size, stride_px_b, stride_px_k, stride_pdt_b, stride_pdt_k,
-                   stride_pb_b, stride_pb_k, HAS_DT_BIAS: tl.constexpr, DEFER: tl.constexpr, B_LATE: tl.constexpr):
-        # ssm_step_gate's inputs that do not depend on the previous kernel (read before waiting for it): -A, the gated
-        # norm's weight, dt_bias and, deferred (DEFER = K > 0), the buffered steps (all K slots; those not yet written
-        # this round are masked off later)
+    def ssm_step_gate(
+        proj_ptr, state_ptr, A_log_ptr, D_ptr, dt_bias_ptr, gated_w_ptr, y_ptr, part_ptr,
+        stride_proj_b, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b,
+        x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
+        HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        LAUNCH_EARLY: tl.constexpr = False,
+        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
+        pend_x_ptr=None, pend_dt_ptr=None, pend_b_ptr=None, count_ptr=None, stride_px_b=0, stride_px_k=0,
+        stride_pdt_b=0, stride_pdt_k=0, stride_pb_b=0, stride_pb_k=0, DEFER: tl.constexpr = 0,
+        FOLD_COLS: tl.constexpr = 0, B_LATE: tl.constexpr = False,
+    ):
+        # DEFER = K > 0 (`DeferredUpdates`): the state in memory, h0, is the state of up to K - 1 steps ago; the steps
+        # since (x, dt, B of each) wait in the pending buffers at slots 0 .. slot - 1, slot = count % K. The output
+        # is computed from h0 and the buffered steps (the same recurrence, unrolled: h_t = exp(a_t) h_(t-1) +
+        # dt_t x_t B_t^T, a = A dt, so h_t C = exp(a_1 + .. + a_t) h0 C + sum_j exp(a_(j+1) + .. + a_t) dt_j x_j
+        # (B_j . C)); h0 is written back only when the buffer is full (slot K - 1): the state is read every step
+        # but written every K-th
+        _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
+        pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < head_dim
+        n = tl.arange(0, BLOCK_S)
+        n_mask = n < state_size
+        proj = proj_ptr + batch * stride_proj_b
+        channel = head * head_dim + p
+        group = head // heads_per_group
+        # the state and the weights do not depend on the previous kernel: read before waiting for it
+        state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
+                      + n[None, :] * stride_s_n)
+        mask = p_mask[:, None] & n_mask[None, :]
+        state = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
         A = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32))
         gated_w = tl.load(gated_w_ptr + channel, mask=p_mask, other=0.0).to(tl.float32)
         dt_bias = 0.0
         if HAS_DT_BIAS:
             dt_bias = tl.load(dt_bias_ptr + head).to(tl.float32)
-        xs, dts, bs = 0.0, 0.0, 0.0
-        if DEFER > 0:
+        if DEFER > 0:  # the buffered steps (all K slots; those not yet written this round are masked off below)
             j = tl.arange(0, DEFER)
-            xs = tl.load(pend_x_ptr + batch * stride_px_b + j[:, None] * stride_px_k + channel[None, :],
-                         mask=p_mask[None, :], other=0.0).to(tl.float32)
-            dts = tl.load(pend_dt_ptr + batch * stride_pdt_b + j * stride_pdt_k + head).to(tl.float32)
+            pend_x = pend_x_ptr + batch * stride_px_b
+            pend_dt = pend_dt_ptr + batch * stride_pdt_b
+            pend_b = pend_b_ptr + batch * stride_pb_b + group * state_size
+            xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
+                         other=0.0).to(tl.float32)
+            dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
             if not B_LATE:
-                bs = tl.load(pend_b_ptr + batch * stride_pb_b + group * state_size + j[:, None] * stride_pb_k
-                             + n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
-        return A, gated_w, dt_bias, xs, dts, bs
-
-    @triton.jit
-    def _ssm_late(state, proj, ready, state_ptr, D_ptr, y_ptr, part_ptr, count_ptr, pend_x_ptr, pend_dt_ptr,
-                  pend_b_ptr, A, gated_w, dt_bias, xs, dts, bs, pid_p, head, batch, group, p, p_mask, n, n_mask, channel,
-                  part_index, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b,
-                  x_start, b_start, c_start, dt_start, heads_per_group, state_size, stride_px_b, stride_px_k,
-                  stride_pdt_b, stride_pdt_k, stride_pb_b, stride_pb_k, HAS_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                  DEFER: tl.constexpr, FOLD_COLS: tl.constexpr, B_LATE: tl.constexpr):
-        # ssm_step_gate once the previous kernel's results are there: `state` (channels p of `head` x the state
-        # columns n, float32) was read before; `proj` points at this sequence's projection; `ready` (0) is added to
-        # the addresses of what the previous kernels wrote (see _ready)
-        state_ptrs = (state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
-                      + n[None, :] * stride_s_n)
-        mask = p_mask[:, None] & n_mask[None, :]
+                bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :],
+                             other=0.0).to(tl.float32)
+        _wait_for_previous(USE_PDL, LAUNCH_EARLY)
+        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
         x = tl.load(proj + x_start + channel, mask=p_mask, other=0.0).to(tl.float32)
         B = tl.load(proj + b_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
         C = tl.load(proj + c_start + group * state_size + n, mask=n_mask, other=0.0).to(tl.float32)
         dt = tl.load(proj + dt_start + head).to(tl.float32) + dt_bias
         dt = tl.where(dt <= 20.0, tl.log(tl.exp(dt) + 1.0), dt)  # softplus, as mamba_ssm
         if DEFER > 0:
-            j = tl.arange(0, DEFER)
-            pend_x = pend_x_ptr + batch * stride_px_b
-            pend_dt = pend_dt_ptr + batch * stride_pdt_b
-            pend_b = pend_b_ptr + batch * stride_pb_b + group * state_size
             slot = tl.load(count_ptr) % DEFER
             now = j == slot
             dts = tl.where(now, dt, tl.where(j < slot, dts, 0.0))  # zero for the slots after this step
@@ -577,112 +588,14 @@ def _fused_kernels(autotune: bool = True):
             y = tl.sum(state * C[None, :], axis=1)
         if HAS_D:
             y += x * tl.load(D_ptr + head).to(tl.float32)
-        y = y.to(proj.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
+        y = y.to(proj_ptr.dtype.element_ty).to(tl.float32)  # the SSM update's output dtype
         z = tl.load(proj + channel, mask=p_mask, other=0.0).to(tl.float32)
         y = tl.where(p_mask, y * (z * tl.sigmoid(z)), 0.0)
-        tl.store(part_ptr + batch * stride_part_b + part_index, tl.sum(y * y, axis=0))
+        tl.store(part_ptr + batch * stride_part_b + head * tl.num_programs(0) + pid_p, tl.sum(y * y, axis=0))
         # the gated norm's weight applied here; its scale (from the sums of squares) is out_proj's to apply
         y *= gated_w
         tl.store(y_ptr + batch * stride_y_b + channel, y.to(y_ptr.dtype.element_ty), mask=p_mask)
-
-    @triton.jit
-    def _ready(USE_PDL: tl.constexpr):
-        # programmatic dependent launch: wait for the previous kernel's results and return 0, to be added to the
-        # addresses of what it wrote, so that no compiler pass moves those loads ahead of the wait
-        if USE_PDL:
-            return tl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                             is_pure=False, pack=1)
-        else:
-            return 0
-
-    # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
-    # against the module's globals only, so they are there too
-    globals().update(_ssm_early=_ssm_early, _ssm_late=_ssm_late, _ready=_ready)
-
-    @triton.jit
-    def ssm_step_gate(
-        proj_ptr, state_ptr, A_log_ptr, D_ptr, dt_bias_ptr, gated_w_ptr, y_ptr, part_ptr,
-        stride_proj_b, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b,
-        x_start, b_start, c_start, dt_start, heads_per_group, head_dim, state_size,
-        HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_S: tl.constexpr,
-        LAUNCH_EARLY: tl.constexpr = False,
-        trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
-        pend_x_ptr=None, pend_dt_ptr=None, pend_b_ptr=None, count_ptr=None, stride_px_b=0, stride_px_k=0,
-        stride_pdt_b=0, stride_pdt_k=0, stride_pb_b=0, stride_pb_k=0, DEFER: tl.constexpr = 0,
-        FOLD_COLS: tl.constexpr = 0, B_LATE: tl.constexpr = False,
-        heads=1, n_items=0, STAGES: tl.constexpr = 0,
-    ):
-        # DEFER = K > 0 (`DeferredUpdates`): the state in memory, h0, is the state of up to K - 1 steps ago; the steps
-        # since (x, dt, B of each) wait in the pending buffers at slots 0 .. slot - 1, slot = count % K. The output
-        # is computed from h0 and the buffered steps (the same recurrence, unrolled: h_t = exp(a_t) h_(t-1) +
-        # dt_t x_t B_t^T, a = A dt, so h_t C = exp(a_1 + .. + a_t) h0 C + sum_j exp(a_(j+1) + .. + a_t) dt_j x_j
-        # (B_j . C)); h0 is written back only when the buffer is full (slot K - 1): the state is read every step
-        # but written every K-th.
-        # STAGES = S > 0 (staged: a 1-d grid of a few programs, each looping over its share of the n_items
-        # (sequence, head, head-dim block) items): the state tiles of a program's first S - 1 items are copied into
-        # shared memory (cp.async, Triton's software pipelining) before the previous kernel is waited for, so that a
-        # program holds them without holding registers and every program can read its state while in_proj runs;
-        # else one program per item, its state tile read into registers before the wait.
-        blocks_p = tl.cdiv(head_dim, BLOCK_P)
-        n = tl.arange(0, BLOCK_S)
-        n_mask = n < state_size
-        if STAGES > 0:
-            _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-            pid, programs = tl.program_id(0), tl.num_programs(0)
-            if USE_PDL and LAUNCH_EARLY:
-                tl.extra.cuda.gdc_launch_dependents()
-            for i in tl.range(0, tl.cdiv(n_items - pid, programs), num_stages=STAGES):
-                item = pid + i * programs
-                pid_p, head, batch = item % blocks_p, (item // blocks_p) % heads, item // (blocks_p * heads)
-                p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-                p_mask = p < head_dim
-                channel = head * head_dim + p
-                group = head // heads_per_group
-                state = tl.load(state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
-                                + n[None, :] * stride_s_n, mask=p_mask[:, None] & n_mask[None, :], other=0.0)
-                A, gated_w, dt_bias, xs, dts, bs = _ssm_early(
-                    A_log_ptr, gated_w_ptr, dt_bias_ptr, pend_x_ptr, pend_dt_ptr, pend_b_ptr, head, batch, group,
-                    channel, p_mask, n, n_mask, state_size, stride_px_b, stride_px_k, stride_pdt_b, stride_pdt_k,
-                    stride_pb_b, stride_pb_k, HAS_DT_BIAS, DEFER, B_LATE)
-                ready = _ready(USE_PDL)  # 0, once the previous kernel is done
-                if TRACE:
-                    if i == 0:
-                        _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-                _ssm_late(state.to(tl.float32), proj_ptr + batch * stride_proj_b + ready, ready, state_ptr, D_ptr,
-                          y_ptr, part_ptr, count_ptr, pend_x_ptr, pend_dt_ptr, pend_b_ptr, A, gated_w, dt_bias, xs,
-                          dts, bs, pid_p, head, batch, group, p, p_mask, n, n_mask, channel,
-                          head * blocks_p + pid_p, stride_s_b, stride_s_h, stride_s_p, stride_s_n, stride_y_b,
-                          stride_part_b, x_start, b_start, c_start, dt_start, heads_per_group, state_size,
-                          stride_px_b, stride_px_k, stride_pdt_b, stride_pdt_k, stride_pb_b, stride_pb_k, HAS_D,
-                          BLOCK_S, DEFER, FOLD_COLS, B_LATE)
-            if USE_PDL and not LAUNCH_EARLY:
-                tl.extra.cuda.gdc_launch_dependents()
-            _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
-        else:
-            _trace(trace_ptr, trace_slot, trace_stride, 0, TRACE)
-            pid_p, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-            p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-            p_mask = p < head_dim
-            channel = head * head_dim + p
-            group = head // heads_per_group
-            # the state and the weights do not depend on the previous kernel: read before waiting for it
-            state = tl.load(state_ptr + batch * stride_s_b + head * stride_s_h + p[:, None] * stride_s_p
-                            + n[None, :] * stride_s_n, mask=p_mask[:, None] & n_mask[None, :],
-                            other=0.0).to(tl.float32)
-            A, gated_w, dt_bias, xs, dts, bs = _ssm_early(
-                A_log_ptr, gated_w_ptr, dt_bias_ptr, pend_x_ptr, pend_dt_ptr, pend_b_ptr, head, batch, group,
-                channel, p_mask, n, n_mask, state_size, stride_px_b, stride_px_k, stride_pdt_b, stride_pdt_k,
-                stride_pb_b, stride_pb_k, HAS_DT_BIAS, DEFER, B_LATE)
-            _wait_for_previous(USE_PDL, LAUNCH_EARLY)
-            _trace(trace_ptr, trace_slot, trace_stride, 1, TRACE)
-            _ssm_late(state, proj_ptr + batch * stride_proj_b, 0, state_ptr, D_ptr, y_ptr, part_ptr, count_ptr,
-                      pend_x_ptr, pend_dt_ptr, pend_b_ptr, A, gated_w, dt_bias, xs, dts, bs, pid_p, head, batch,
-                      group, p, p_mask, n, n_mask, channel, head * tl.num_programs(0) + pid_p, stride_s_b,
-                      stride_s_h, stride_s_p, stride_s_n, stride_y_b, stride_part_b, x_start, b_start, c_start,
-                      dt_start, heads_per_group, state_size, stride_px_b, stride_px_k, stride_pdt_b, stride_pdt_k,
-                      stride_pb_b, stride_pb_k, HAS_D, BLOCK_S, DEFER, FOLD_COLS, B_LATE)
-            _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
+        _trace(trace_ptr, trace_slot, trace_stride, 2, TRACE)
 
     @triton.jit
     def gated_norm_out_proj(
@@ -1034,21 +947,8 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
         fold_cols = int(fold_cols_env) if fold_cols_env is not None else (0 if batch == 1 else DEFER_FOLD_COLS)
         b_late = b_late_env == "1" if b_late_env is not None else batch > 1
         return dict(FOLD_COLS=min(fold_cols, block_s), B_LATE=b_late)
-    staged = staged_ssm_settings()
-
-    def ssm_launch(batch: int) -> tuple[tuple, dict, int]:
-        """The SSM update's grid, meta-parameters and number of sums of squares per row (one per head-dim block)
-        for `batch` sequences: staged (see ssm_step_gate) at 2-16 rows where `staged_ssm_settings()` says so."""
-        if batch > 1 and staged is not None:
-            stages, bp, warps = staged
-            bp = min(bp, triton.next_power_of_2(s.head_dim))
-            items = batch * s.heads * triton.cdiv(s.head_dim, bp)
-            # each program's items all staged before the wait: S - 1 of them per program
-            programs = triton.cdiv(items, stages - 1)
-            return (programs,), dict(BLOCK_P=bp, num_warps=warps, STAGES=stages, heads=s.heads, n_items=items), \
-                s.heads * triton.cdiv(s.head_dim, bp)
-        blocks = triton.cdiv(s.head_dim, block_p)
-        return (blocks, s.heads, batch), dict(BLOCK_P=block_p, num_warps=ssm_warps), s.heads * blocks
+    blocks_per_head = triton.cdiv(s.head_dim, block_p)
+    n_parts = s.heads * blocks_per_head
     x_start = s.intermediate  # in the projection: [gate | x | B | C | dt]
     b_start = x_start + s.intermediate
     c_start = b_start + s.groups * s.state
@@ -1136,21 +1036,20 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
                 **trace_args(out.device),
             )
         gated = out_w.new_empty(batch, s.intermediate)
-        ssm_grid, ssm_meta, n_parts = ssm_launch(batch)
         parts = torch.empty(batch, n_parts, device=out.device, dtype=torch.float32)
         deferred = {} if pending is None else dict(
             pend_x_ptr=pending.x, pend_dt_ptr=pending.dt, pend_b_ptr=pending.b, count_ptr=pending.count,
             stride_px_b=pending.x.stride(0), stride_px_k=pending.x.stride(1), stride_pdt_b=pending.dt.stride(0),
             stride_pdt_k=pending.dt.stride(1), stride_pb_b=pending.b.stride(0), stride_pb_k=pending.b.stride(1),
             DEFER=pending.x.shape[1], **defer_variant(batch))
-        ssm_step_gate[ssm_grid](
+        ssm_step_gate[(blocks_per_head, s.heads, batch)](
             projected, ssm_state, A_log, D, dt_bias, gated_w, gated, parts,
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
-            HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
-            # 2 warps unstaged: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its
-            # programs fit beside in_proj's, where they read their state before in_proj has finished
-            BLOCK_S=block_s, **ssm_meta, **pdl,
+            HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
+            # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
+            # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
+            BLOCK_S=block_s, num_warps=ssm_warps, **pdl,
             **(trace_args(out.device) if batch > 1 else {}), **deferred,
         )
         n_out, k_out = out_w.shape
@@ -1208,30 +1107,6 @@ class ChainedInput(NamedTuple):
 # batch 8, K = 8 with the write-back in column slices: float32 3.79 -> 3.45, bf16 3.28 -> 3.25 (K = 16: 3.53 / 3.46)
 DEFERRED_STEPS, DEFERRED_STEPS_ROWS = 16, 8  # at batch 1, at 2-16
 DEFER_FOLD_COLS = 32  # at 2-16 rows, the deferred write-back folds this many state columns at a time
-
-
-# the SSM update at 2-16 rows, staged (ssm_step_gate, STAGES): (STAGES, BLOCK_P, num_warps), or None for one
-# program per (sequence, head, 16 head-dim rows) item
-STAGED_SSM: tuple[int, int, int] | None = None
-
-
-def staged_ssm_settings() -> tuple[int, int, int] | None:
-    """How the fused layer's SSM update runs at 2-16 rows: `STAGED_SSM`, or MLMAMBA_SSM_STAGED where set
-    ("STAGES,BLOCK_P,WARPS", e.g. "5,64,4": each program stages STAGES - 1 items of BLOCK_P head-dim rows in shared
-    memory before the wait; "0": not staged)."""
-    text = os.environ.get("MLMAMBA_SSM_STAGED")
-    if text is None:
-        return STAGED_SSM
-    if text.strip() == "0":
-        return None
-    parts = text.split(",")
-    if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"MLMAMBA_SSM_STAGED must be 0 or STAGES,BLOCK_P,WARPS (three integers), got {text!r}")
-    stages, block_p, warps = (int(part) for part in parts)
-    if stages < 2 or block_p < 1 or block_p & (block_p - 1) or warps not in (1, 2, 4, 8):
-        raise ValueError(f"MLMAMBA_SSM_STAGED: STAGES must be at least 2, BLOCK_P a power of two and WARPS 1, 2, 4 "
-                         f"or 8; got {text!r}")
-    return stages, block_p, warps
 
 
 def deferred_steps(batch_size: int) -> int:

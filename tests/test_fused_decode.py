@@ -128,10 +128,6 @@ def test_fused_layer_refuses_a_batch_it_does_not_take():
     ("MLMAMBA_DEFER_FOLD_COLS", "24", "MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got '24'"),
     ("MLMAMBA_DEFER_FOLD_COLS", "-8", "MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got '-8'"),
     ("MLMAMBA_DEFER_B_LATE", "yes", "MLMAMBA_DEFER_B_LATE must be 0 or 1, got 'yes'"),
-    ("MLMAMBA_SSM_STAGED", "5,64", "MLMAMBA_SSM_STAGED must be 0 or STAGES,BLOCK_P,WARPS .three integers., got '5,64'"),
-    ("MLMAMBA_SSM_STAGED", "1,64,4", "STAGES must be at least 2, .* got '1,64,4'"),
-    ("MLMAMBA_SSM_STAGED", "5,48,4", "BLOCK_P a power of two .* got '5,48,4'"),
-    ("MLMAMBA_SSM_STAGED", "5,64,3", "WARPS 1, 2, 4 or 8; got '5,64,3'"),
 ])
 def test_fused_layer_checks_its_write_back_settings(name, value, message, monkeypatch):
     monkeypatch.setenv(name, value)
@@ -163,41 +159,6 @@ def test_fused_layer_takes_a_configuration_per_product(batch, prefetch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'in_proj' and 'out_proj'"):
         make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes={"in_proj": configs["in_proj"]})
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "text_overrides", [dict(), dict(n_groups=2, num_heads=4, head_dim=24, use_bias=True, hidden_size=48)],
-    ids=["released", "two-groups-bias-odd-head-dim"],
-)
-@pytest.mark.parametrize("staged", ["3,16,2", "2,8,1", "5,32,4"])
-@torch.no_grad()
-def test_fused_layer_with_a_staged_ssm_update_steps_like_the_torch_layer(dtype, text_overrides, staged, monkeypatch):
-    """MLMAMBA_SSM_STAGED (2-16 rows): the SSM update as a few programs, each looping over (sequence, head,
-    head-dim block) items with their state tiles staged ahead: two items per program, one (blocks of 8 head-dim
-    rows), four (blocks of up to 32 rows: a whole head, masked past the odd head dim 24), over three tokens in a row
-    (the state written every step) against the torch layer; batch 1 keeps one program per item."""
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
-    device = "cuda" if ON_GPU else "cpu"
-    lm = _tiny_lm(11, text_overrides, device, dtype, offset=3)
-    reference = make_block_step(lm, kernels=(_torch_conv_update, _torch_state_update, ("torch", "torch")))
-    monkeypatch.setenv("MLMAMBA_SSM_STAGED", staged)  # read when the fused layer is made
-    fused = make_fused_block_step(lm, kernels=_fused_kernels(autotune=False), block_sizes=dict(BLOCK_N=16,
-                                                                                              BLOCK_K=16))
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for batch in (3, 1):
-        weights, residual, out, conv_state, ssm_state = _layer_inputs(lm, 1, dtype, device,
-                                                                      torch.Generator().manual_seed(12), batch)
-        states = [(conv_state.clone(), ssm_state.clone()) for _ in range(2)]
-        for step in range(3):
-            expected = reference(residual, out, *states[0], *weights)
-            got = fused(residual, out, *states[1], *weights)
-            for name, a, b in zip(("residual", "output"), got, expected):
-                torch.testing.assert_close(a, b, **tol, msg=f"{name}, batch {batch}, token {step}")
-            torch.testing.assert_close(states[1][0], states[0][0], **tol, msg=f"conv state, token {step}")
-            torch.testing.assert_close(states[1][1], states[0][1], **tol, msg=f"SSM state, token {step}")
-            residual, out = expected
 
 
 @torch.no_grad()
@@ -298,9 +259,8 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
 @pytest.mark.parametrize(
     "variant",
     [{}, {"MLMAMBA_DEFER_FOLD_COLS": "8", "MLMAMBA_DEFER_B_LATE": "1"},
-     {"MLMAMBA_DEFER_FOLD_COLS": "0", "MLMAMBA_DEFER_B_LATE": "0"}, {"MLMAMBA_SSM_STAGED": "3,16,2"},
-     {"MLMAMBA_SSM_STAGED": "2,8,1", "MLMAMBA_DEFER_FOLD_COLS": "0", "MLMAMBA_DEFER_B_LATE": "0"}],
-    ids=["default", "sliced-write-back-late-B", "whole-tile-write-back", "staged", "staged-whole-tile-write-back"],
+     {"MLMAMBA_DEFER_FOLD_COLS": "0", "MLMAMBA_DEFER_B_LATE": "0"}],
+    ids=["default", "sliced-write-back-late-B", "whole-tile-write-back"],
 )
 @torch.no_grad()
 def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides, variant,
@@ -310,8 +270,7 @@ def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype
     as it was between write-backs and equals the torch layer's state after each K-th token; after the last token
     `PendingSteps.fold` brings it to the torch layer's current state (3 steps pending). By default the write-back
     is on the whole state tile at batch 1 and in column slices with the buffered B read late at 2-16; also each of
-    the two at every batch size (slices of 8 state columns here), and with the SSM update staged at 2-16 rows
-    (MLMAMBA_SSM_STAGED: a few programs, each looping over its items)."""
+    the two at every batch size (slices of 8 state columns here)."""
     if INTERPRETED and batch > 1 and dtype == torch.bfloat16:
         pytest.skip("Triton 3.6's interpreter multiplies bf16 tiles (tl.dot) as raw bits; runs on the GPU")
     device = "cuda" if ON_GPU else "cpu"

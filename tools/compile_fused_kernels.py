@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 DIVISIBLE = {"N", "K", "stride_wn", "conv_start", "conv_dim", "n_parts", "parts_per_group", "group_size",
              "stride_proj_b", "x_start", "b_start", "c_start", "dt_start", "stride_y_b", "head_dim", "state_size",
              "stride_s_h", "stride_s_p", "stride_s_b", "stride_part_b", "stride_cs_b", "stride_px_b", "stride_px_k",
-             "stride_pdt_b", "stride_pdt_k", "stride_pb_b", "stride_pb_k", "heads", "n_items"}
+             "stride_pdt_b", "stride_pdt_k", "stride_pb_b", "stride_pb_k"}
 # strides equal to 1 at launch, which Triton turns into constants
 ONE = {"stride_s_n", "stride_cs_k", "stride_cw_k"}
 PATTERN = re.compile(r"\b(ld\.global[.:\w]*|st\.global[.:\w]*|cp\.async\.[a-z]+[.:\w]*|wgmma\.mma_async[.\w]*|"
@@ -86,7 +86,7 @@ def registers(ptx: str, arch: int) -> str:
 
 def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     """(label, kernel name, pointer dtypes, constexprs, launch options) at the released shapes."""
-    from modeling_mlmamba.generation_mlmamba import TUNED_CONFIGS, staged_ssm_settings
+    from modeling_mlmamba.generation_mlmamba import TUNED_CONFIGS
 
     def tuned(product: str, kind: str, n: int, k: int) -> tuple[dict, dict]:
         config = dict(TUNED_CONFIGS.get(((9, 0), product, kind, n, k, "bfloat16"), {}))
@@ -116,20 +116,6 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                         dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True,
                              LAUNCH_EARLY=True, DEFER=steps, FOLD_COLS=fold_cols, B_LATE=b_late),
                         dict(num_warps=2)))
-    # staged (2-16 sequences, STAGED_SSM / MLMAMBA_SSM_STAGED): each program's first STAGES - 1 state tiles in
-    # shared memory before the wait
-    stages, block_p, warps = staged_ssm_settings() or (5, 64, 4)
-    for state in ("fp32", "bf16"):
-        for steps in (0, 8):
-            out.append((f"SSM update, {state} state, staged{', deferred writes' if steps else ''}, 2-16 sequences",
-                        "ssm_step_gate",
-                        dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
-                             **(dict(pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32")
-                                if steps else {})),
-                        dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=block_p, BLOCK_S=128, USE_PDL=True,
-                             LAUNCH_EARLY=True, STAGES=stages,
-                             **(dict(DEFER=steps, FOLD_COLS=32, B_LATE=True) if steps else {})),
-                        dict(num_warps=warps)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
@@ -167,7 +153,7 @@ def main():
         sig, attrs = signature(fn, pointers, constants)
         source = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
         shown = {k: v for k, v in constants.items()
-                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "DEFER", "FOLD", "B_LATE", "STAGES"))}
+                 if k.startswith(("BLOCK_N", "BLOCK_K", "SPLIT", "PRE", "NORMED", "NEXT", "DEFER", "FOLD", "B_LATE"))}
         try:
             compiled = triton.compile(source, target=target, options=options)
         except Exception as error:  # report every kernel, then fail
@@ -181,7 +167,7 @@ def main():
         for instruction, count in counts.most_common():
             print(f"    {count:4d}  {instruction}")
         if args.ptx_dir is not None:
-            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "DEFER", "FOLD_COLS", "B_LATE", "STAGES")
+            suffix = "".join(f"_{k.lower()}" for k in ("NORMED", "NEXT", "DEFER", "FOLD_COLS", "B_LATE")
                              if constants.get(k))
             suffix += "_" + pointers["state_ptr"] if "state_ptr" in pointers else ""
             (args.ptx_dir / f"{name}{suffix}.ptx").write_text(ptx)
