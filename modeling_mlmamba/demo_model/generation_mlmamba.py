@@ -928,6 +928,9 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
     block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
     ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
+    # MLMAMBA_SSM_MAXNREG (experiments): a cap on the SSM update's registers per thread (ptxas's .maxnreg), so that
+    # more of its programs fit beside in_proj's
+    ssm_regs = {"maxnreg": int(os.environ["MLMAMBA_SSM_MAXNREG"])} if os.environ.get("MLMAMBA_SSM_MAXNREG") else {}
     # deferred state writes (`pending`) at 2-16 rows: the variant with fewer registers (at K = 16: 127 instead of
     # 160-168 per thread, so that more SSM programs fit beside in_proj's): the write-back DEFER_FOLD_COLS state
     # columns at a time (read again from L2) and the buffered B read after the wait and reduced at once; measured on
@@ -1049,7 +1052,7 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
             # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
             # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=block_s, num_warps=ssm_warps, **pdl,
+            BLOCK_S=block_s, num_warps=ssm_warps, **ssm_regs, **pdl,
             **(trace_args(out.device) if batch > 1 else {}), **deferred,
         )
         n_out, k_out = out_w.shape
