@@ -127,7 +127,8 @@ def test_fused_layer_refuses_a_batch_it_does_not_take():
 @pytest.mark.parametrize("name,value,message", [
     ("MLMAMBA_DEFER_FOLD_COLS", "24", "MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got '24'"),
     ("MLMAMBA_DEFER_FOLD_COLS", "-8", "MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got '-8'"),
-    ("MLMAMBA_DEFER_B_LATE", "yes", "MLMAMBA_DEFER_B_LATE must be 0 or 1, got 'yes'"),
+    ("MLMAMBA_DEFER_B_LATE", "yes", "MLMAMBA_DEFER_B_LATE must be 0, 1 or 2, got 'yes'"),
+    ("MLMAMBA_DEFER_B_LATE", "3", "MLMAMBA_DEFER_B_LATE must be 0, 1 or 2, got '3'"),
 ])
 def test_fused_layer_checks_its_write_back_settings(name, value, message, monkeypatch):
     monkeypatch.setenv(name, value)
@@ -259,8 +260,9 @@ def test_chained_fused_layers_step_like_the_torch_layers(dtype, out_config, text
 @pytest.mark.parametrize(
     "variant",
     [{}, {"MLMAMBA_DEFER_FOLD_COLS": "8", "MLMAMBA_DEFER_B_LATE": "1"},
+     {"MLMAMBA_DEFER_FOLD_COLS": "8", "MLMAMBA_DEFER_B_LATE": "2"},
      {"MLMAMBA_DEFER_FOLD_COLS": "0", "MLMAMBA_DEFER_B_LATE": "0"}],
-    ids=["default", "sliced-write-back-late-B", "whole-tile-write-back"],
+    ids=["default", "sliced-write-back-late-B", "sliced-write-back-late-steps", "whole-tile-write-back"],
 )
 @torch.no_grad()
 def test_fused_layer_with_deferred_state_writes_steps_like_the_torch_layer(dtype, batch, text_overrides, variant,

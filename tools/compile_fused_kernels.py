@@ -86,7 +86,8 @@ def registers(ptx: str, arch: int) -> str:
 
 def jobs() -> list[tuple[str, str, dict, dict, dict]]:
     """(label, kernel name, pointer dtypes, constexprs, launch options) at the released shapes."""
-    from modeling_mlmamba.generation_mlmamba import TUNED_CONFIGS
+    from modeling_mlmamba.generation_mlmamba import (DEFER_FOLD_COLS, DEFER_LATE_ROWS, DEFERRED_STEPS,
+                                                    DEFERRED_STEPS_ROWS, SSM_WARPS, SSM_WARPS_ROWS, TUNED_CONFIGS)
 
     def tuned(product: str, kind: str, n: int, k: int) -> tuple[dict, dict]:
         config = dict(TUNED_CONFIGS.get(((9, 0), product, kind, n, k, "bfloat16"), {}))
@@ -106,8 +107,9 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
                     dict(num_warps=2)))
     # the state written back every K steps (DeferredUpdates), as the fused layer launches it: 1 sequence K = 16 on
-    # the whole state tile; 2-16 sequences K = 8 in 32-column slices with the buffered B read late
-    deferred = (("1 sequence", 16, 0, False), ("2-16 sequences", 8, 32, True))
+    # the whole state tile; 2-16 sequences K = 8 in 32-column slices with the buffered steps read after the wait
+    deferred = (("1 sequence", DEFERRED_STEPS, 0, 0),
+                ("2-16 sequences", DEFERRED_STEPS_ROWS, DEFER_FOLD_COLS, DEFER_LATE_ROWS))
     for state in ("fp32", "bf16"):
         for rows, steps, fold_cols, b_late in deferred:
             out.append((f"SSM update, {state} state, deferred writes, {rows}", "ssm_step_gate",
@@ -115,7 +117,7 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
                              pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32"),
                         dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True,
                              LAUNCH_EARLY=True, DEFER=steps, FOLD_COLS=fold_cols, B_LATE=b_late),
-                        dict(num_warps=2)))
+                        dict(num_warps=SSM_WARPS if rows == "1 sequence" else SSM_WARPS_ROWS)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)

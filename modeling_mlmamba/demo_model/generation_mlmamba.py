@@ -326,6 +326,10 @@ def decode_gemv(namespace: str = "mlmamba"):
 # (MLMAMBA_FUSED_DECODE_MAX_BATCH).
 _FUSED: list = []  # [(triton, kernels) or None], resolved on first use
 _SSM_BLOCK_P = 16  # head-dim rows per program of the SSM update (sets how its sums of squares are laid out)
+# warps per program of the SSM update at batch 1 / at 2-16 (with the deferred writes' buffered steps read after the
+# wait, 80 registers on 2 warps, 127 on 1: 16 programs per SM instead of 12 hold their state while in_proj runs;
+# measured on an H100 at batch 8, ms per step: bf16 state 3.126 against 3.263 on 2 warps, float32 3.361 against 3.452)
+SSM_WARPS, SSM_WARPS_ROWS = 2, 1
 FUSED_MAX_ROWS = 16  # the fused layer's largest batch: one 16-row tile of the products
 
 
@@ -492,7 +496,7 @@ def _fused_kernels(autotune: bool = True):
         trace_ptr=None, trace_slot=0, trace_stride=0, TRACE: tl.constexpr = False,
         pend_x_ptr=None, pend_dt_ptr=None, pend_b_ptr=None, count_ptr=None, stride_px_b=0, stride_px_k=0,
         stride_pdt_b=0, stride_pdt_k=0, stride_pb_b=0, stride_pb_k=0, DEFER: tl.constexpr = 0,
-        FOLD_COLS: tl.constexpr = 0, B_LATE: tl.constexpr = False,
+        FOLD_COLS: tl.constexpr = 0, B_LATE: tl.constexpr = 0,
     ):
         # DEFER = K > 0 (`DeferredUpdates`): the state in memory, h0, is the state of up to K - 1 steps ago; the steps
         # since (x, dt, B of each) wait in the pending buffers at slots 0 .. slot - 1, slot = count % K. The output
@@ -524,10 +528,13 @@ def _fused_kernels(autotune: bool = True):
             pend_x = pend_x_ptr + batch * stride_px_b
             pend_dt = pend_dt_ptr + batch * stride_pdt_b
             pend_b = pend_b_ptr + batch * stride_pb_b + group * state_size
-            xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
-                         other=0.0).to(tl.float32)
-            dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
-            if not B_LATE:
+            # B_LATE: 0: all read before the wait; 1: B read after it (see below); 2: x, dt and B read after it,
+            # so that the state is all a program holds while it waits (fewer registers: more programs fit early)
+            if B_LATE < 2:
+                xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
+                             other=0.0).to(tl.float32)
+                dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
+            if B_LATE == 0:
                 bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :],
                              other=0.0).to(tl.float32)
         _wait_for_previous(USE_PDL, LAUNCH_EARLY)
@@ -540,9 +547,13 @@ def _fused_kernels(autotune: bool = True):
         if DEFER > 0:
             slot = tl.load(count_ptr) % DEFER
             now = j == slot
+            if B_LATE == 2:
+                xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
+                             other=0.0).to(tl.float32)
+                dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
             dts = tl.where(now, dt, tl.where(j < slot, dts, 0.0))  # zero for the slots after this step
             xs = tl.where(now[:, None], x[None, :], xs)
-            if B_LATE:  # the buffered B read now, in the layer's dtype, and reduced at once: fewer registers
+            if B_LATE > 0:  # the buffered B read now, in the layer's dtype, and reduced at once: fewer registers
                 bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :], other=0.0)
                 bc = tl.where(now, tl.sum(B * C, axis=0), tl.sum(bs.to(tl.float32) * C[None, :], axis=1))
             else:
@@ -553,7 +564,7 @@ def _fused_kernels(autotune: bool = True):
             weights = tl.exp(tl.sum(tl.where(after, a[None, :], 0.0), axis=1)) * dts
             total = tl.exp(tl.sum(a, axis=0))  # the decay of h0 over all of them
             y = total * tl.sum(state * C[None, :], axis=1)
-            if B_LATE:
+            if B_LATE > 0:
                 y += tl.sum(xs * (weights * bc)[:, None], axis=0)
             else:
                 y += tl.sum(xs * (weights * tl.sum(bs * C[None, :], axis=1))[:, None], axis=0)
@@ -926,8 +937,12 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     if use_pdl and os.environ.get("MLMAMBA_PDL_IN", "1") == "0":
         pdl_in = dict(USE_PDL=True, LAUNCH_EARLY=early)
     # MLMAMBA_SSM_BLOCK_P / MLMAMBA_SSM_WARPS (experiments): the SSM update's head-dim rows per program and warps
+    # (by default SSM_WARPS at batch 1, SSM_WARPS_ROWS at 2-16)
     block_p = min(int(os.environ.get("MLMAMBA_SSM_BLOCK_P", _SSM_BLOCK_P)), triton.next_power_of_2(s.head_dim))
-    ssm_warps = int(os.environ.get("MLMAMBA_SSM_WARPS", "2"))
+    warps_env = os.environ.get("MLMAMBA_SSM_WARPS")
+
+    def ssm_warps(batch: int) -> int:
+        return int(warps_env) if warps_env else (SSM_WARPS if batch == 1 else SSM_WARPS_ROWS)
     # MLMAMBA_SSM_MAXNREG (experiments): a cap on the SSM update's registers per thread (ptxas's .maxnreg), so that
     # more of its programs fit beside in_proj's
     ssm_regs = {"maxnreg": int(os.environ["MLMAMBA_SSM_MAXNREG"])} if os.environ.get("MLMAMBA_SSM_MAXNREG") else {}
@@ -936,19 +951,20 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
     # columns at a time (read again from L2) and the buffered B read after the wait and reduced at once; measured on
     # an H100 at batch 8, K = 16, ms per step: float32 state 3.53 against 3.63 for the whole tile, bf16 3.40 against
     # 3.46 (docs/benchmarks.md); at batch 1 the whole tile is faster (2.32 against 2.40). MLMAMBA_DEFER_FOLD_COLS (a
-    # power of two; 0: the whole tile) and MLMAMBA_DEFER_B_LATE (0 / 1), where set, choose for every batch size
+    # power of two; 0: the whole tile) and MLMAMBA_DEFER_B_LATE (0: the buffered steps read before the wait; 1: their
+    # B after it; 2: their x, dt and B after it), where set, choose for every batch size
     fold_cols_env = os.environ.get("MLMAMBA_DEFER_FOLD_COLS")
     b_late_env = os.environ.get("MLMAMBA_DEFER_B_LATE")
     if fold_cols_env is not None and not (fold_cols_env.isdigit()
                                           and int(fold_cols_env) & (int(fold_cols_env) - 1) == 0):
         raise ValueError(f"MLMAMBA_DEFER_FOLD_COLS must be 0 or a power of two, got {fold_cols_env!r}")
-    if b_late_env not in (None, "0", "1"):
-        raise ValueError(f"MLMAMBA_DEFER_B_LATE must be 0 or 1, got {b_late_env!r}")
+    if b_late_env not in (None, "0", "1", "2"):
+        raise ValueError(f"MLMAMBA_DEFER_B_LATE must be 0, 1 or 2, got {b_late_env!r}")
     block_s = triton.next_power_of_2(s.state)
 
     def defer_variant(batch: int) -> dict:
         fold_cols = int(fold_cols_env) if fold_cols_env is not None else (0 if batch == 1 else DEFER_FOLD_COLS)
-        b_late = b_late_env == "1" if b_late_env is not None else batch > 1
+        b_late = int(b_late_env) if b_late_env is not None else (DEFER_LATE_ROWS if batch > 1 else 0)
         return dict(FOLD_COLS=min(fold_cols, block_s), B_LATE=b_late)
     blocks_per_head = triton.cdiv(s.head_dim, block_p)
     n_parts = s.heads * blocks_per_head
@@ -1050,9 +1066,9 @@ def make_fused_block_step(language_model, kernels=None, block_sizes: dict | None
             projected.stride(0), *ssm_state.stride(), gated.stride(0), parts.stride(0),
             x_start, b_start, c_start, dt_start, s.heads // s.groups, s.head_dim, s.state,
             HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None, BLOCK_P=block_p,
-            # 2 warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and twice as many of its programs
-            # fit beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
-            BLOCK_S=block_s, num_warps=ssm_warps, **ssm_regs, **pdl,
+            # few warps: as fast alone as 4 (benchmarks/experiments.py --part ssm), and more of its programs fit
+            # beside in_proj's, where they read their state before in_proj has finished (programmatic launch)
+            BLOCK_S=block_s, num_warps=ssm_warps(batch), **ssm_regs, **pdl,
             **(trace_args(out.device) if batch > 1 else {}), **deferred,
         )
         n_out, k_out = out_w.shape
@@ -1110,6 +1126,7 @@ class ChainedInput(NamedTuple):
 # batch 8, K = 8 with the write-back in column slices: float32 3.79 -> 3.45, bf16 3.28 -> 3.25 (K = 16: 3.53 / 3.46)
 DEFERRED_STEPS, DEFERRED_STEPS_ROWS = 16, 8  # at batch 1, at 2-16
 DEFER_FOLD_COLS = 32  # at 2-16 rows, the deferred write-back folds this many state columns at a time
+DEFER_LATE_ROWS = 2  # at 2-16 rows, the buffered steps' x, dt and B are read after the wait (ssm_step_gate, B_LATE)
 
 
 def deferred_steps(batch_size: int) -> int:
