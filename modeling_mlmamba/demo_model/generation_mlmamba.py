@@ -327,8 +327,9 @@ def decode_gemv(namespace: str = "mlmamba"):
 _FUSED: list = []  # [(triton, kernels) or None], resolved on first use
 _SSM_BLOCK_P = 16  # head-dim rows per program of the SSM update (sets how its sums of squares are laid out)
 # warps per program of the SSM update at batch 1 / at 2-16. At 2-16 rows, with the deferred writes' buffered steps
-# read after the wait (DEFER_LATE_ROWS), the bf16-state kernel takes 127 registers per thread on 1 warp, 80 on 2: 16
-# programs per SM hold their state tile while in_proj runs, against 12 (8 with only B read late: 116 registers).
+# read after the wait (DEFER_LATE_ROWS), the bf16-state kernel takes 127 registers per thread on 1 warp, 80 on 2: by
+# registers up to 16 programs per SM hold their state tile while in_proj runs, against 12 (8 with only B read late:
+# 116 registers).
 # Measured on an H100 at batch 8, ms per step: bf16 state 3.126 on 1 warp against 3.263 on 2 (3.243 with only B
 # read late), float32 3.361 against 3.452 (docs/benchmarks.md)
 SSM_WARPS, SSM_WARPS_ROWS = 2, 1
