@@ -2,12 +2,13 @@
 # One call on the lent GPU machine (torch 2.11, no network): install the carried transformers wheel, build or
 # install mamba_ssm + causal_conv1d (tools/gpu_kernels.sh), run the GPU test, then the benchmark, all inside
 # BUDGET_S seconds (the device tool allows 600 per command).
-#   bash benchmarks/gpu_run.sh OUT_DIR "BENCHMARK ARGS" [TEST_TIMEOUT_S] [BUDGET_S]   (BENCHMARK ARGS "none": no benchmark)
+#   bash benchmarks/gpu_run.sh OUT_DIR "BENCHMARK ARGS" [TEST_TIMEOUT_S] [BUDGET_S] [PYTEST -k EXPRESSION]
+# (BENCHMARK ARGS "none": no benchmark; TEST_TIMEOUT_S 0: no tests; the -k expression selects GPU tests, all by default)
 # Everything is logged to OUT_DIR/log.txt. Freshly built kernel wheels are split into 15 MiB parts under
 # OUT_DIR/wheels/ (the tool returns files of at most 16 MiB); rejoin them with `cat NAME.part-* > NAME` into .whl/
 # so that the next call installs them instead of compiling again.
 set -uo pipefail
-OUT=$1; BENCH_ARGS=${2:-}; TEST_T=${3:-150}; BUDGET=${4:-570}
+OUT=$1; BENCH_ARGS=${2:-}; TEST_T=${3:-150}; BUDGET=${4:-570}; SELECT=${5:-}
 deadline=$(( $(date +%s) + BUDGET ))
 export PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
@@ -33,7 +34,8 @@ except Exception: traceback.print_exc()
 import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)
 " 2>&1 | tee -a "$LOG"
 if [ "$TEST_T" != "0" ]; then
-  timeout "$TEST_T" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fast_path.py tests/test_fused_decode.py 2>&1 | tail -25 | tee -a "$LOG"
+  timeout "$TEST_T" python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_fast_path.py tests/test_fused_decode.py \
+    ${SELECT:+-k "$SELECT"} 2>&1 | tail -25 | tee -a "$LOG"
 fi
 left=$(( deadline - $(date +%s) ))
 echo "benchmark gets ${left} s" | tee -a "$LOG"
