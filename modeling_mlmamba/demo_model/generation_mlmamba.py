@@ -418,10 +418,19 @@ def _fused_kernels(autotune: bool = True):
             h += (w_k * x_k)[:, None] * b_k[None, :]
         return h
 
+    @triton.jit
+    def _buffered_x_dt(pend_x, pend_dt, j, channel, p_mask, head, stride_px_k, stride_pdt_k):
+        # the deferred writes' buffered steps (ssm_step_gate, DEFER): x of this program's channels and dt of its head,
+        # in all K slots
+        xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
+                     other=0.0).to(tl.float32)
+        return xs, tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
+
     # compiled kernels find these helpers in their closure; Triton's interpreter (CPU tests) runs a kernel's source
     # against the module's globals only, so they are there too
     globals().update(_matvec_tile=_matvec_tile, _rows_dot=_rows_dot, _out_proj_total=_out_proj_total,
-                     _wait_for_previous=_wait_for_previous, _trace=_trace, _add_buffered_steps=_add_buffered_steps)
+                     _wait_for_previous=_wait_for_previous, _trace=_trace, _add_buffered_steps=_add_buffered_steps,
+                     _buffered_x_dt=_buffered_x_dt)
 
     @triton.jit
     def norm_in_proj_conv(
@@ -534,9 +543,7 @@ def _fused_kernels(autotune: bool = True):
             # B_LATE: 0: all read before the wait; 1: B read after it (see below); 2: x, dt and B read after it,
             # so that the state is all a program holds while it waits (fewer registers: more programs fit early)
             if B_LATE < 2:
-                xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
-                             other=0.0).to(tl.float32)
-                dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
+                xs, dts = _buffered_x_dt(pend_x, pend_dt, j, channel, p_mask, head, stride_px_k, stride_pdt_k)
             if B_LATE == 0:
                 bs = tl.load(pend_b + j[:, None] * stride_pb_k + n[None, :], mask=n_mask[None, :],
                              other=0.0).to(tl.float32)
@@ -551,9 +558,7 @@ def _fused_kernels(autotune: bool = True):
             slot = tl.load(count_ptr) % DEFER
             now = j == slot
             if B_LATE == 2:
-                xs = tl.load(pend_x + j[:, None] * stride_px_k + channel[None, :], mask=p_mask[None, :],
-                             other=0.0).to(tl.float32)
-                dts = tl.load(pend_dt + j * stride_pdt_k + head).to(tl.float32)
+                xs, dts = _buffered_x_dt(pend_x, pend_dt, j, channel, p_mask, head, stride_px_k, stride_pdt_k)
             dts = tl.where(now, dt, tl.where(j < slot, dts, 0.0))  # zero for the slots after this step
             xs = tl.where(now[:, None], x[None, :], xs)
             if B_LATE > 0:  # the buffered B read now, in the layer's dtype, and reduced at once: fewer registers
