@@ -105,19 +105,19 @@ def jobs() -> list[tuple[str, str, dict, dict, dict]]:
         out.append((f"SSM update, {state} state", "ssm_step_gate",
                     dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32"),
                     dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True, LAUNCH_EARLY=True),
-                    dict(num_warps=2)))
+                    dict(num_warps=SSM_WARPS)))
     # the state written back every K steps (DeferredUpdates), as the fused layer launches it: 1 sequence K = 16 on
     # the whole state tile; 2-16 sequences K = 8 in 32-column slices with the buffered steps read after the wait
-    deferred = (("1 sequence", DEFERRED_STEPS, 0, 0),
-                ("2-16 sequences", DEFERRED_STEPS_ROWS, DEFER_FOLD_COLS, DEFER_LATE_ROWS))
+    deferred = (("1 sequence", DEFERRED_STEPS, 0, 0, SSM_WARPS),
+                ("2-16 sequences", DEFERRED_STEPS_ROWS, DEFER_FOLD_COLS, DEFER_LATE_ROWS, SSM_WARPS_ROWS))
     for state in ("fp32", "bf16"):
-        for rows, steps, fold_cols, b_late in deferred:
+        for rows, steps, fold_cols, b_late, warps in deferred:
             out.append((f"SSM update, {state} state, deferred writes, {rows}", "ssm_step_gate",
                         dict(state_ptr=state, A_log_ptr="fp32", D_ptr="fp32", dt_bias_ptr="fp32", part_ptr="fp32",
                              pend_x_ptr="bf16", pend_dt_ptr="fp32", pend_b_ptr="bf16", count_ptr="i32"),
                         dict(HAS_D=True, HAS_DT_BIAS=True, BLOCK_P=16, BLOCK_S=128, USE_PDL=True,
                              LAUNCH_EARLY=True, DEFER=steps, FOLD_COLS=fold_cols, B_LATE=b_late),
-                        dict(num_warps=SSM_WARPS if rows == "1 sequence" else SSM_WARPS_ROWS)))
+                        dict(num_warps=warps)))
     meta, options = tuned("out_proj", "matvec", 2560, 5120)
     out.append(("out_proj, 1 sequence", "gated_norm_out_proj", parts, dict(gated, **meta), options))
     meta, options = tuned("in_proj", "rows", 10576, 2560)
