@@ -5,7 +5,9 @@ Importing the package registers the classes with transformers' Auto classes, so 
 `model_type="mlmamba"` without remote code.
 """
 
-from transformers import (
+from . import transformers_compat  # noqa: F401  first: checks the installed transformers release (one clear error)
+
+from transformers import (  # noqa: E402
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -14,7 +16,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration_mlmamba import MLMambaConfig
+from .configuration_mlmamba import MLMambaConfig  # noqa: E402
 from .image_processing_mlmamba import MLMambaImageProcessor
 from .modeling_mlmamba import MLMambaForConditionalGeneration, MLMambaModel, MLMambaPreTrainedModel
 from .processing_mlmamba import MLMambaProcessor

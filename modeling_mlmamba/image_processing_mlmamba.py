@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .transformers_compat import TRANSFORMERS_RELEASE  # noqa: F401  first: checks the installed transformers release
+
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature  # noqa: E402
 
 
 # Per-tower normalisation by tower type (the pretrained towers' own preprocessing).

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
-from transformers.models.mamba2.configuration_mamba2 import Mamba2Config
+from .transformers_compat import Mamba2Config  # first: checks the installed transformers release
+
+from transformers import AutoConfig, PretrainedConfig  # noqa: E402
 
 
 # Written into every saved config.json so that the Auto classes find the custom code next to the weights.

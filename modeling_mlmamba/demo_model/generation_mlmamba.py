@@ -50,9 +50,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import StaticCache
-from transformers.models.mamba2 import modeling_mamba2
 from transformers.utils import logging
+
+from . import transformers_compat as hf
+from .transformers_compat import StaticCache
 
 
 logger = logging.get_logger(__name__)
@@ -66,7 +67,7 @@ _KERNELS: tuple | None = None
 
 
 def _torch_conv_update(x, conv_state, weight, bias, activation):
-    return modeling_mamba2.causal_conv1d_update(x, conv_state, weight, bias, activation=activation)
+    return hf.causal_conv1d_update(x, conv_state, weight, bias, activation=activation)
 
 
 def _per_head(state, x, dt, A, D, dt_bias) -> dict:
@@ -81,7 +82,7 @@ def _per_head(state, x, dt, A, D, dt_bias) -> dict:
 
 def _torch_state_update(state, x, dt, A, B, C, D, dt_bias):
     """One token of the SSM recurrence (softplus on dt, no gate); dt: (batch, heads), A, D, dt_bias: (heads,)."""
-    return modeling_mamba2.mamba2_selective_state_update(
+    return hf.mamba2_selective_state_update(
         state, x, B=B, C=C, z=None, dt_softplus=True, **_per_head(state, x, dt, A, D, dt_bias)
     )
 
@@ -174,7 +175,7 @@ def _fused_norm_forward(module, kernel, device_types):
     where the kernel computes what the module computes (a device of `device_types`, no gradient, the output in the
     input's dtype, the gate of the input's shape); the module's own forward otherwise."""
     original = type(module).forward
-    gated = isinstance(module, modeling_mamba2.MambaRMSNormGated)
+    gated = isinstance(module, hf.MambaGatedRMSNorm)
 
     def forward(hidden_states, gate=None):
         weight = module.weight
@@ -207,7 +208,7 @@ def fused_norms(language_model, kernel=None, device_types: tuple[str, ...] = ("c
             norms = [language_model.norm_f] + [
                 m for layer in language_model.layers for m in (layer.norm, layer.mixer.norm)]
         for module in norms:
-            if type(module) in (modeling_mamba2.Mamba2RMSNorm, modeling_mamba2.MambaRMSNormGated) and (
+            if type(module) in (hf.Mamba2RMSNorm, hf.MambaGatedRMSNorm) and (
                 "forward" not in module.__dict__
             ):
                 module.forward = _fused_norm_forward(module, kernel, device_types)
@@ -1338,7 +1339,7 @@ def _block_shape(language_model) -> _BlockShape:
         head_dim=config.head_dim,
         groups=config.n_groups,
         state=config.state_size,
-        group_size=mixer.norm.group_size,
+        group_size=hf.gated_norm_group_size(mixer.norm),
         activation=mixer.activation,
         residual_in_fp32=bool(config.residual_in_fp32),
         norm_eps=language_model.layers[0].norm.variance_epsilon,
@@ -1406,13 +1407,13 @@ def reads_plain_weights(model) -> bool:
     weight), or a quantisation library replaces a Linear: `generate()` then takes transformers' own path. False for
     an LM other than transformers' `Mamba2Model` (a Cobra-style Mamba-1 LM): the step is Mamba-2's."""
     lm = model.model.language_model
-    if type(lm) is not modeling_mamba2.Mamba2Model:
+    if type(lm) is not hf.Mamba2Model:
         return False
-    plain = [(model.lm_head, torch.nn.Linear), (lm.norm_f, modeling_mamba2.Mamba2RMSNorm)]
+    plain = [(model.lm_head, torch.nn.Linear), (lm.norm_f, hf.Mamba2RMSNorm)]
     for layer in lm.layers:
         mixer = layer.mixer
-        plain += [(layer.norm, modeling_mamba2.Mamba2RMSNorm), (mixer.in_proj, torch.nn.Linear),
-                  (mixer.conv1d, torch.nn.Conv1d), (mixer.norm, modeling_mamba2.MambaRMSNormGated),
+        plain += [(layer.norm, hf.Mamba2RMSNorm), (mixer.in_proj, torch.nn.Linear),
+                  (mixer.conv1d, torch.nn.Conv1d), (mixer.norm, hf.MambaGatedRMSNorm),
                   (mixer.out_proj, torch.nn.Linear)]
     return all(type(module) is cls for module, cls in plain)
 
@@ -1428,11 +1429,8 @@ def allow_deferred_stop_checks() -> bool:
     `DeferredStopCheck.is_supported` to caches that carry `_mlmamba_defer_stop_check` (the runner's static state
     caches), when the cache is not handed back to the caller; every other cache gets transformers' own answer.
     Returns False when this transformers has no `DeferredStopCheck`."""
-    try:
-        from transformers.generation import utils as generation_utils
-
-        check = generation_utils.DeferredStopCheck
-    except (ImportError, AttributeError):
+    check = hf.deferred_stop_check()
+    if check is None:
         return False
     original = check.__dict__["is_supported"]
     original = original.__func__ if isinstance(original, staticmethod) else original
@@ -1715,7 +1713,7 @@ class DecodeGraphRunner:
             if pending is not None:
                 chain["pending"] = pending.layer(index)
             residual, out = block(
-                residual, out, states.conv_states[0], states.recurrent_states[0], layer.norm.weight,
+                residual, out, *hf.layer_states(states), layer.norm.weight,
                 mixer.in_proj.weight, mixer.in_proj.bias, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias,
                 mixer.A_log, mixer.D, mixer.norm.weight, mixer.out_proj.weight, mixer.out_proj.bias, **chain,
             )
@@ -1733,22 +1731,22 @@ class DecodeGraphRunner:
         cache = self.caches[inputs_embeds.shape[0]]
         lm = self.model.model.language_model
         with fused_norms(lm):
-            out = lm(inputs_embeds=inputs_embeds, cache_params=cache, use_cache=True, return_dict=True)
+            out = lm(inputs_embeds=inputs_embeds, use_cache=True, return_dict=True, **{hf.CACHE_NAME: cache})
         return (out.last_hidden_state,)
 
     def _prefill_states(self, inputs_embeds: torch.Tensor) -> list[torch.Tensor]:
         cache = self.caches[inputs_embeds.shape[0]]
-        return [t for layer in cache.layers for t in (layer.conv_states[0], layer.recurrent_states[0])]
+        return [t for layer in cache.layers for t in hf.layer_states(layer)]
 
     def _mark_empty(self, inputs_embeds: torch.Tensor) -> None:
         for layer in self.caches[inputs_embeds.shape[0]].layers:
-            layer.has_previous_state[0] = False
+            hf.set_has_previous_state(layer, False)
 
     def _mark_continuing(self, inputs_embeds: torch.Tensor) -> None:
         # a chunk continues the cache's states (zero before the first chunk, which then computes what a prefill does):
         # transformers' Mamba-2 prepends the conv state and starts the scan from the SSM state
         for layer in self.caches[inputs_embeds.shape[0]].layers:
-            layer.has_previous_state[0] = True
+            hf.set_has_previous_state(layer, True)
 
     def _capture_chunk_ladder(self, batch_size: int) -> None:
         """Captures the LM's prefill of chunks of 1, 2, 4, ... `prefill_chunk_limit(batch_size)` tokens into the (just
@@ -1793,7 +1791,7 @@ class DecodeGraphRunner:
             or inputs_embeds.device.type != "cuda"
             or inputs_embeds.shape[1] < 2
             or self.caches.get(inputs_embeds.shape[0]) is not cache
-            or cache.layers[0].has_previous_state[0]
+            or hf.has_previous_state(cache.layers[0])
             or (attention_mask is not None and not bool(attention_mask.all()))
         ):
             return None
@@ -1806,7 +1804,7 @@ class DecodeGraphRunner:
                 return None
             hidden = out[0]
         for layer in cache.layers:  # what the eager prefill leaves in the cache's bookkeeping
-            layer.has_previous_state[0] = True
+            hf.set_has_previous_state(layer, True)
         return hidden
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
@@ -1844,7 +1842,7 @@ class DecodeGraphRunner:
         """The cache for `batch_size` rows: allocated on first use, then reset and reused, so that its conv / SSM
         states keep the addresses the captured graph replays against."""
         cache = self.caches.get(batch_size)
-        if cache is not None and cache.layers[0].recurrent_states[0].dtype != self.state_dtype:
+        if cache is not None and hf.layer_states(cache.layers[0])[1].dtype != self.state_dtype:
             self.release(keep=tuple(b for b in self.caches if b != batch_size))  # config.ssm_state_dtype changed
             cache = None
         if cache is None:
@@ -1863,7 +1861,7 @@ class DecodeGraphRunner:
         captured step reads it (an eager forward, the caller of `generate()` that gets it back)."""
         pending = getattr(cache, "_mlmamba_pending", None)
         if pending is not None and pending.pending:
-            pending.fold([layer.recurrent_states[0] for layer in cache.layers],
+            pending.fold([hf.layer_states(layer)[1] for layer in cache.layers],
                          [layer.mixer.A_log for layer in self.model.model.language_model.layers])
 
     def defers_state_writes(self, batch_size: int) -> bool:
@@ -1875,18 +1873,17 @@ class DecodeGraphRunner:
 
     def _allocate(self, batch_size: int) -> StaticCache:
         text_config = self.model.config.text_config
-        cache = StaticCache(config=text_config, max_cache_len=1)  # linear-attention layers ignore the length
+        cache = hf.static_state_cache(text_config)
         device, dtype = self.model.device, self.model.lm_head.weight.dtype
         num_heads, head_dim, state = text_config.num_heads, text_config.head_dim, text_config.state_size
         conv_dim = int(text_config.expand * text_config.hidden_size) + 2 * text_config.n_groups * state
         for layer in cache.layers:
             # conv state in the activations' dtype; SSM state in config.ssm_state_dtype (the LM's dtype by default;
             # the prefill's final state, float32 from the chunked scan, is cast into it)
-            layer.lazy_initialization(
-                conv_states=torch.zeros(batch_size, conv_dim, text_config.conv_kernel, device=device, dtype=dtype),
-                recurrent_states=torch.zeros(
-                    batch_size, num_heads, head_dim, state, device=device, dtype=self.state_dtype
-                ),
+            hf.allocate_layer_states(
+                layer,
+                torch.zeros(batch_size, conv_dim, text_config.conv_kernel, device=device, dtype=dtype),
+                torch.zeros(batch_size, num_heads, head_dim, state, device=device, dtype=self.state_dtype),
             )
         if self.defers_state_writes(batch_size):
             cache._mlmamba_pending = PendingSteps(
@@ -1926,15 +1923,16 @@ class DecodeGraphRunner:
     def _save(cache: StaticCache) -> tuple:
         """Copies of what running the decode step changes in `cache`: its states and its pending steps (if any)."""
         pending = getattr(cache, "_mlmamba_pending", None)
-        return ([(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in cache.layers],
+        return ([tuple(t.clone() for t in hf.layer_states(layer)) for layer in cache.layers],
                 pending.snapshot() if pending is not None else None)
 
     @staticmethod
     def _restore(cache: StaticCache, saved: tuple) -> None:
         states, pending = saved
         for layer, (conv, ssm) in zip(cache.layers, states):
-            layer.conv_states[0].copy_(conv)
-            layer.recurrent_states[0].copy_(ssm)
+            conv_state, ssm_state = hf.layer_states(layer)
+            conv_state.copy_(conv)
+            ssm_state.copy_(ssm)
         if pending is not None:
             cache._mlmamba_pending.restore(pending)
 
@@ -1959,13 +1957,13 @@ class DecodeGraphRunner:
     # ---- what generate() calls for every decode step ------------------------------------------------------------
     def __call__(self, **model_inputs):
         input_ids = model_inputs.get("input_ids")
-        cache = model_inputs.get("cache_params")
+        cache = model_inputs.get(hf.CACHE_NAME)
         replayable = (
             input_ids is not None
             and input_ids.shape[1] == 1
             and cache is not None
             and self.caches.get(input_ids.shape[0]) is cache
-            and cache.layers[0].has_previous_state[0]
+            and hf.has_previous_state(cache.layers[0])
             and model_inputs.get("inputs_embeds") is None
             and model_inputs.get("pixel_values") is None
             and not model_inputs.get("output_hidden_states")
@@ -1982,4 +1980,4 @@ class DecodeGraphRunner:
         if pending is not None:
             pending.steps += 1  # the host's count of the steps the graph has taken (it counts them on the device)
         # generate() copies the last position's logits before the next replay overwrites them
-        return self.output_class(logits=static_logits, cache_params=cache)
+        return self.output_class(logits=static_logits, **{hf.CACHE_NAME: cache})

@@ -22,21 +22,26 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.generation.utils import GenerationMode
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated, causal_conv1d_fn, mamba2_chunk_scan
-from transformers.utils import ModelOutput
 
 from .configuration_mlmamba import MLMambaConfig
 from .generation_mlmamba import DecodeGraphRunner, fused_norms, reads_plain_weights
+from .transformers_compat import (
+    CACHE_NAME,
+    Cache,
+    GenerationMode,
+    GradientCheckpointingLayer,
+    cache_output_class,
+    generate_output_cache,
+    causal_conv1d_fn,
+    mamba2_chunk_scan,
+    output_cache,
+    resolve_cache,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,6 +70,29 @@ def cross_scan_orders(scan_type: str, num_tokens: int, device: torch.device | No
 # ----------------------------------------------------------------------------------------------------------------
 # Mamba-2 Scan Connector
 # ----------------------------------------------------------------------------------------------------------------
+class GatedRMSNorm(nn.Module):
+    """`weight · RMSNorm(y · silu(z))` over groups of `group_size` channels, in float32, rounded to y's dtype before
+    the weight multiplies it: Mamba-2's gated norm (gate before the norm), as transformers' Mamba-2 mixer computes it
+    from 5.23 (owned here: its name and arguments changed between releases, its arithmetic did not)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
+        super().__init__()
+        if hidden_size % group_size:
+            raise ValueError(f"GatedRMSNorm: hidden_size {hidden_size} is not a multiple of group_size {group_size}")
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        if gate is not None:
+            hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+        grouped = hidden_states.unflatten(-1, (-1, self.group_size))
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * grouped.flatten(-2).to(input_dtype)
+
+
 class ScanDirection(nn.Module):
     """Parameters a scan direction owns: its causal depthwise conv, dt bias, A (as log) and D skip."""
 
@@ -102,7 +130,7 @@ class ScanConnectorMixer(nn.Module):
         self.directions = nn.ModuleList(
             ScanDirection(self.conv_dim, config.connector_conv_kernel, self.num_heads) for _ in range(num_directions)
         )
-        self.norm = MambaRMSNormGated(
+        self.norm = GatedRMSNorm(
             self.intermediate_size,
             group_size=self.intermediate_size // self.n_groups,
             eps=config.connector_layer_norm_epsilon,
@@ -257,34 +285,32 @@ def build_vision_tower(tower_config, vision_feature_layer: int) -> PreTrainedMod
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class MLMambaModelOutput(ModelOutput):
-    """
+# The cache field is `cache` from transformers 5.24 and `cache_params` before (`generate()` reads it back by the
+# installed release's name); `outputs.cache` reads it under either.
+MLMambaModelOutput = cache_output_class(
+    "MLMambaModelOutput",
+    [("last_hidden_state", torch.FloatTensor), ("cache", Cache), ("hidden_states", tuple),
+     ("image_hidden_states", torch.FloatTensor)],
+    doc="""
     last_hidden_state: (batch, seq, d_model), the LM's final-norm output.
-    cache_params: the conv and SSM states after the last position (a `DynamicCache`), when `use_cache`.
+    cache: the conv and SSM states after the last position (a `DynamicCache`), when `use_cache`.
     hidden_states: the LM's per-layer outputs, when `output_hidden_states`.
     image_hidden_states: (num_images, image_tokens, d_model), the projected image features, when images were given.
-    """
+    """,
+    module=__name__,
+)
 
-    last_hidden_state: torch.FloatTensor | None = None
-    cache_params: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
-
-
-@dataclass
-class MLMambaCausalLMOutput(ModelOutput):
-    """
+MLMambaCausalLMOutput = cache_output_class(
+    "MLMambaCausalLMOutput",
+    [("loss", torch.FloatTensor), ("logits", torch.FloatTensor), ("cache", Cache), ("hidden_states", tuple),
+     ("image_hidden_states", torch.FloatTensor)],
+    doc="""
     loss: next-token cross-entropy over `labels` != -100 (shifted inside), when `labels` are given.
     logits: (batch, kept positions, vocab), float32.
-    cache_params, hidden_states, image_hidden_states: as in `MLMambaModelOutput`.
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache_params: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    cache, hidden_states, image_hidden_states: as in `MLMambaModelOutput`.
+    """,
+    module=__name__,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,7 +348,7 @@ class MLMambaPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, MambaRMSNormGated)):
+        elif isinstance(module, (nn.LayerNorm, GatedRMSNorm)):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
@@ -387,20 +413,23 @@ class MLMambaModel(MLMambaPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache_params: Cache | None = None,
         **kwargs,
     ) -> MLMambaModelOutput:
+        """`cache`: the conv and SSM states to continue (`cache_params`: its name before transformers 5.24)."""
+        cache = resolve_cache(cache, cache_params)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds")
 
         image_features = None
         # the GPU fast path's cache (generation_mlmamba.py) replays prompt shapes it has seen before from CUDA graphs
-        runner = getattr(cache_params, "_mlmamba_runner", None)
+        runner = getattr(cache, "_mlmamba_runner", None)
         if runner is not None:  # decode steps the captured step has not yet written into the states (deferred)
-            runner.settle(cache_params)
+            runner.settle(cache)
         if inputs_embeds is None:
             is_image = input_ids == self.config.image_token_id
             # `<image>` may lie past the embedding table (tokenizers that add it): its embedding is never used.
@@ -415,7 +444,7 @@ class MLMambaModel(MLMambaPreTrainedModel):
                     mask.unsqueeze(-1).to(inputs_embeds.device),
                     image_features.to(inputs_embeds.device, inputs_embeds.dtype),
                 )
-            elif (cache_params is None or input_ids.shape[1] > 1) and bool(is_image.any()):  # no sync per token
+            elif (cache is None or input_ids.shape[1] > 1) and bool(is_image.any()):  # no sync per token
                 raise ValueError(
                     f"input_ids contain {int(is_image.sum())} image tokens (id {self.config.image_token_id}) "
                     "but no pixel_values were given"
@@ -424,12 +453,12 @@ class MLMambaModel(MLMambaPreTrainedModel):
             raise ValueError("pixel_values need input_ids (to find the <image> positions), not inputs_embeds")
 
         if runner is not None and not output_hidden_states:
-            last_hidden_state = runner.prefill(inputs_embeds, attention_mask, cache_params)
+            last_hidden_state = runner.prefill(inputs_embeds, attention_mask, cache)
             if last_hidden_state is not None:
                 use_cache = use_cache if use_cache is not None else self.config.text_config.use_cache
                 return MLMambaModelOutput(
                     last_hidden_state=last_hidden_state,
-                    cache_params=cache_params if use_cache else None,
+                    **{CACHE_NAME: cache if use_cache else None},
                     image_hidden_states=image_features,
                 )
         # the fast path's norms (as in its captured prefill) also where the prompt runs eagerly (first sight)
@@ -437,14 +466,14 @@ class MLMambaModel(MLMambaPreTrainedModel):
             outputs = self.language_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                cache_params=cache_params,
                 use_cache=use_cache,
+                **{CACHE_NAME: cache},
                 output_hidden_states=output_hidden_states,
                 return_dict=True,
             )
         return MLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
-            cache_params=outputs.cache_params,
+            **{CACHE_NAME: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             image_hidden_states=image_features,
         )
@@ -456,8 +485,9 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
     # Modes that decode on the recurrent state: beam search re-orders the per-beam states through the cache's
-    # `reorder_cache`. Assisted / prompt-lookup decoding would have to roll the state back: refused
-    # (`_is_stateful`), as are the Hub-only custom modes (contrastive, DoLa, group / constrained beams).
+    # `reorder_cache`. Assisted / prompt-lookup decoding would have to roll the state back: refused (by this list; and
+    # by `_is_stateful` before transformers 5.25), as are the Hub-only custom modes (contrastive, DoLa, group /
+    # constrained beams).
     _supported_generation_modes = (
         GenerationMode.GREEDY_SEARCH,
         GenerationMode.SAMPLE,
@@ -492,12 +522,13 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cache_params: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache_params: Cache | None = None,
         **kwargs,
     ) -> MLMambaCausalLMOutput:
         r"""
@@ -505,13 +536,15 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         pixel_values: (num_images, 3 × towers, H, W), images in the order their placeholders appear in the batch.
         labels: (batch, seq), -100 where no loss is taken; shifted inside.
         logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+        cache: the conv and SSM states to continue (`cache_params`: its name before transformers 5.24).
         """
+        cache = resolve_cache(cache, cache_params)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            cache_params=cache_params,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
         )
@@ -527,7 +560,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         return MLMambaCausalLMOutput(
             loss=loss,
             logits=logits,
-            cache_params=outputs.cache_params,
+            **{CACHE_NAME: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             image_hidden_states=outputs.image_hidden_states,
         )
@@ -537,16 +570,15 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         input_ids,
         inputs_embeds=None,
         use_cache=None,
-        cache_params: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
+        # the cache travels in `kwargs` under the name this transformers' `generate()` gives it (CACHE_NAME)
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            cache_params=cache_params,
             attention_mask=attention_mask,
             is_first_iteration=is_first_iteration,
             **kwargs,
@@ -599,7 +631,7 @@ class MLMambaForConditionalGeneration(MLMambaPreTrainedModel, GenerationMixin):
         """transformers' `generate()`. A state cache of the GPU fast path that it hands back (`return_dict_in_generate`)
         holds the true states: the steps whose state writes the decode step deferred are put in first."""
         result = super().generate(*args, **kwargs)
-        cache = getattr(result, "past_key_values", None)
+        cache = generate_output_cache(result)
         runner = getattr(cache, "_mlmamba_runner", None)
         if runner is not None:
             runner.settle(cache)
