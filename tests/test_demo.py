@@ -68,7 +68,8 @@ def test_shipped_model_is_small_and_complete():
     weights = DEMO_MODEL / "model.safetensors"
     assert weights.stat().st_size <= 20 * 1024 * 1024
     for name in ("config.json", "processor_config.json", "tokenizer.json", "modeling_mlmamba.py",
-                 "configuration_mlmamba.py", "processing_mlmamba.py", "image_processing_mlmamba.py", "README.md"):
+                 "configuration_mlmamba.py", "processing_mlmamba.py", "image_processing_mlmamba.py",
+                 "generation_mlmamba.py", "transformers_compat.py", "README.md"):
         assert (DEMO_MODEL / name).is_file(), name
     config = json.loads((DEMO_MODEL / "config.json").read_text())
     assert (config["connector_type"], config["scan_type"], config["text_config"]["model_type"]) == ("msc", "bsm", "mamba2")
