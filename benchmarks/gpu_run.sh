@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (torch 2.11, no network): install the carried transformers wheel, build or
+# One call on the lent GPU machine (torch 2.11, no network): install the carried wheels (transformers and its needs), build or
 # install mamba_ssm + causal_conv1d (tools/gpu_kernels.sh), run the GPU test, then the benchmark, all inside
 # BUDGET_S seconds (the device tool allows 600 per command).
 #   bash benchmarks/gpu_run.sh OUT_DIR "BENCHMARK ARGS" [TEST_TIMEOUT_S] [BUDGET_S] [PYTEST -k EXPRESSION]
@@ -13,7 +13,7 @@ deadline=$(( $(date +%s) + BUDGET ))
 export PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 mkdir -p "$OUT/wheels"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/transformers-*.whl || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nvcc --version | tail -1; } | tee "$LOG"
 start=$(date +%s)
